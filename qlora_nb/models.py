@@ -217,6 +217,20 @@ def auto_base_model() -> str:
     return EMBEDDED
 
 
+def describe_choice(name: str = "auto") -> str:
+    """One sentence on why `base_model=name` means the model it resolves to (for notebook 00)."""
+    import torch
+
+    if name != "auto":
+        return f"base_model was set to '{name}' explicitly."
+    if not torch.cuda.is_available():
+        return "no CUDA GPU here, so the workbook uses the embedded SmolLM2-135M-Instruct (runs on a CPU)."
+    if auto_base_model() == MISTRAL_7B:
+        return f"a CUDA GPU is present and {MISTRAL_7B} is reachable or cached, so the workbook uses it in 4-bit."
+    return (f"a CUDA GPU is present but the Hugging Face Hub is unreachable and {MISTRAL_7B} is not cached, "
+            "so the workbook uses the embedded model.")
+
+
 def resolve_base_model(name: str = "auto") -> str:
     """A notebook's `base_model` parameter -> a local folder or hub id for `from_pretrained`.
 
