@@ -116,11 +116,11 @@ def finetune_delta(model, module_name: str, input_ids: torch.Tensor, steps: int 
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    master = nn.Parameter(before.float())  # train in fp32: a bf16 weight would swallow small updates
+    master = nn.Parameter(before.float().clone())  # train in fp32: a bf16 weight would swallow small updates
     opt = torch.optim.AdamW([master], lr=lr, weight_decay=0.0)
     try:
         for _ in range(steps):
-            weight.data = master.data.to(weight.dtype)
+            weight.data = master.detach().to(weight.dtype, copy=True)
             weight.requires_grad_(True)
             loss = model(input_ids=input_ids, labels=input_ids).loss
             loss.backward()
