@@ -33,7 +33,8 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class LoRALinear(nn.Module):
     """A frozen `base` nn.Linear plus a rank-`r` update B @ A scaled by alpha / r (see module docstring)."""
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 adapter_dtype: torch.dtype | None = None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
@@ -43,15 +44,18 @@ class LoRALinear(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        self.A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype))  # (r, in)
-        self.B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))  # (out, r)
+        dtype = adapter_dtype or base.weight.dtype  # peft keeps adapters in fp32 next to a bf16 base
+        self.A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype))  # (r, in)
+        self.B = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype))  # (out, r)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # peft's default for A
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
-        # Same operation order as peft (base, then B(A(x)) * scaling) so fp32 results match exactly.
+        # Same operations, order and casts as peft's lora.Linear, so results match bit for bit.
+        result = self.base(x)
+        x = x.to(self.A.dtype)
         update = nn.functional.linear(nn.functional.linear(self.dropout(x), self.A), self.B)
-        return self.base(x) + update * self.scaling
+        return (result + update * self.scaling).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """(out, in): the dense update (alpha/r) * B @ A that merging would add to W."""
@@ -68,7 +72,8 @@ class LoRALinear(nn.Module):
                          dtype=base.weight.dtype)
         copy.load_state_dict(base.state_dict())
         r = peft_layer.r[adapter]
-        layer = cls(copy, r=r, alpha=peft_layer.scaling[adapter] * r)
+        layer = cls(copy, r=r, alpha=peft_layer.scaling[adapter] * r,
+                    adapter_dtype=peft_layer.lora_A[adapter].weight.dtype)
         layer.scaling = peft_layer.scaling[adapter]  # exact, even if alpha*r/r would round
         with torch.no_grad():
             layer.A.copy_(peft_layer.lora_A[adapter].weight)

@@ -46,6 +46,23 @@ def test_lora_linear_equals_peft_outputs_and_gradients(tiny):
                           y_ours, atol=1e-5)
 
 
+def test_lora_linear_equals_peft_on_a_bf16_base_with_fp32_adapter():
+    model = AutoModelForCausalLM.from_pretrained(models.tiny_mistral_path(), dtype=torch.bfloat16)
+    _, peft_q = _peft_layer(model, r=8, alpha=16)
+    assert peft_q.lora_A["default"].weight.dtype == torch.float32  # peft upcasts adapters next to bf16
+    with torch.no_grad():
+        peft_q.lora_B["default"].weight.normal_(std=0.1)
+    ours = lora.LoRALinear.from_peft(peft_q)
+    x = torch.randn(3, peft_q.in_features, dtype=torch.bfloat16)
+    y_peft, y_ours = peft_q(x), ours(x)
+    assert y_ours.dtype == torch.bfloat16 and torch.equal(y_ours, y_peft)
+    grad_out = torch.randn_like(y_peft)
+    y_peft.backward(grad_out)
+    y_ours.backward(grad_out)
+    assert torch.equal(ours.A.grad, peft_q.lora_A["default"].weight.grad)
+    assert torch.equal(ours.B.grad, peft_q.lora_B["default"].weight.grad)
+
+
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), lora.ALL_PROJECTIONS, ("down_proj",)], ids=len)
 @pytest.mark.parametrize("r", [1, 8])
 def test_parameter_count_equals_peft(r, targets):
