@@ -1,0 +1,406 @@
+"""Generate the support-ticket triage data set (and the forgetting canary) from templates and a seeded RNG.
+
+Each row is a chat conversation: a system prompt that states the JSON schema, a customer
+message, and the assistant's answer, exactly one JSON object
+`{"category": ..., "priority": ..., "summary": ...}`. The category is signalled by what the
+customer talks about (an issue template), the priority by urgency cues (a cue phrase and the
+tone). The test split draws its issue templates, cue phrases and products from pools that
+train and validation never use, so it measures generalisation, not memory.
+
+`python -m qlora_nb.datagen [OUT_DIR]` writes triage/{train,validation,test}.jsonl and
+canary/{general.txt,questions.jsonl} under OUT_DIR (default: paths.data_dir()); the output
+is byte-identical on every rerun (only `random.Random(seed)`, no global or numpy randomness).
+
+Leaves out: anything realistic about the wording (the messages are template-made; a
+learner should not read the accuracies as what real tickets give) and loading/validation
+(data.py reads and checks the files).
+
+>>> rows = generate_split("train", n=3)
+>>> [m["role"] for m in rows[0]["messages"]]
+['system', 'user', 'assistant']
+>>> sorted(json.loads(rows[0]["messages"][-1]["content"]))
+['category', 'priority', 'summary']
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+CATEGORIES = ("billing", "shipping", "account", "technical", "returns")
+PRIORITIES = ("low", "medium", "high", "urgent")
+
+# Short on purpose (it is in every row): it names the schema and the allowed values so that
+# the untrained base model has a fair chance before the fine-tune.
+SYSTEM_PROMPT = (
+    "Triage this support message. Reply with one JSON object only: "
+    '{"category": billing|shipping|account|technical|returns, '
+    '"priority": low|medium|high|urgent, "summary": one sentence}')
+
+SPLITS = {"train": (1000, 11), "validation": (200, 22), "test": (200, 33)}  # rows, seed
+POOL_OF_SPLIT = {"train": "train", "validation": "train", "test": "test"}
+PRIORITY_WEIGHTS = (0.2, 0.3, 0.3, 0.2)  # low, medium, high, urgent
+
+PRODUCTS = {
+    "train": ["wireless earbuds", "smart thermostat", "espresso machine", "robot vacuum", "gaming keyboard",
+              "fitness tracker", "air fryer", "4K monitor", "electric toothbrush", "standing desk",
+              "noise-cancelling headphones", "smartwatch", "power bank", "digital camera", "e-reader",
+              "coffee grinder", "bluetooth speaker", "office chair", "hair dryer", "webcam",
+              "router", "tablet", "blender", "desk lamp"],
+    "test": ["drone", "sewing machine", "projector", "bread maker", "baby monitor", "electric scooter",
+             "soundbar", "label printer", "dehumidifier", "rice cooker", "dash cam", "space heater"],
+}
+
+# Issue templates: (message text, summary). {p} product, {o} order number, {a} amount, {d} days, {w} weekday,
+# {c} error code. The "test" pools are different sentences about the same kinds of problem, with the
+# words a person would use (charge, delivery, password, error, return), so the labels stay learnable.
+ISSUES = {
+    "billing": {
+        "train": [
+            ("I was charged twice for my {p} order.", "Customer was charged twice for a {p} order."),
+            ("My card was billed {a} but the {p} costs less than that.",
+             "Customer was billed {a}, more than the price of the {p}."),
+            ("The invoice for order {o} shows the wrong amount.", "The invoice for order {o} shows the wrong amount."),
+            ("You took payment for the {p} but the order was cancelled.",
+             "Customer paid for a {p} order that was cancelled."),
+            ("My discount code was not applied when I paid for the {p}.",
+             "A discount code was not applied to the {p} payment."),
+            ("There is a charge of {a} on my card that I don't recognise.",
+             "Customer does not recognise a {a} charge."),
+            ("I keep getting billed for my subscription even though I cancelled it.",
+             "Customer is still billed for a cancelled subscription."),
+            ("The payment for the {p} failed but the money left my account anyway.",
+             "A failed payment for the {p} was still taken from the customer's account."),
+            ("Can I get a copy of the invoice for order {o}? The VAT number is missing.",
+             "The invoice for order {o} is missing the VAT number."),
+        ],
+        "test": [
+            ("There are two identical payments of {a} on my credit card for one {p}.",
+             "Customer sees a duplicate payment of {a} for one {p}."),
+            ("Why does my receipt for the {p} include a fee I never agreed to?",
+             "The receipt for the {p} includes an unexpected fee."),
+            ("The price at checkout for the {p} was higher than the advertised price.",
+             "Customer paid more at checkout than the advertised price of the {p}."),
+            ("My bank statement lists a {a} debit from your shop that I can't explain.",
+             "Customer cannot explain a {a} debit from the shop."),
+        ],
+    },
+    "shipping": {
+        "train": [
+            ("My {p} still hasn't arrived and it's been {d} days.", "The {p} has not arrived after {d} days."),
+            ("Tracking for order {o} hasn't updated since {w}.", "Tracking for order {o} has not updated since {w}."),
+            ("The courier says the {p} was delivered but there's nothing at my door.",
+             "The {p} is marked as delivered but the customer did not receive it."),
+            ("I need to change the delivery address for order {o}.",
+             "Customer wants to change the delivery address for order {o}."),
+            ("The {p} was shipped to my old address.", "The {p} was shipped to the customer's old address."),
+            ("Order {o} was supposed to arrive on {w} and it didn't.", "Order {o} did not arrive on {w} as promised."),
+            ("When will my {p} be shipped? I ordered it {d} days ago.",
+             "Customer asks when the {p} ordered {d} days ago will ship."),
+            ("The delivery driver left my {p} with a neighbour I don't know.",
+             "The {p} was left with an unknown neighbour by the delivery driver."),
+        ],
+        "test": [
+            ("The parcel with my {p} seems to be lost in transit.", "The parcel with the {p} seems lost in transit."),
+            ("The estimated arrival date for order {o} keeps getting pushed back.",
+             "The delivery date for order {o} keeps being postponed."),
+            ("The shipment status of my {p} has said 'exception' for {d} days.",
+             "The shipment of the {p} has shown an exception status for {d} days."),
+            ("My {p} package never showed up, the carrier website says out for delivery.",
+             "The {p} package never arrived although the carrier says it is out for delivery."),
+        ],
+    },
+    "account": {
+        "train": [
+            ("I can't log in to my account, it says my password is wrong.",
+             "Customer cannot log in because the password is rejected."),
+            ("The password reset email never arrives.", "Customer does not receive the password reset email."),
+            ("My account got locked after too many login attempts.",
+             "Customer's account is locked after failed login attempts."),
+            ("I want to change the email address on my account.",
+             "Customer wants to change the account email address."),
+            ("Please delete my account and all my personal data.",
+             "Customer asks to delete the account and personal data."),
+            ("I'm not getting the two-factor code when I sign in.",
+             "Customer does not receive the two-factor login code."),
+            ("Someone else logged in to my account and changed my details.",
+             "Someone else accessed the customer's account and changed its details."),
+            ("How do I change the username on my profile?", "Customer wants to change the profile username."),
+        ],
+        "test": [
+            ("Your sign-in page rejects my credentials even after I reset them.",
+             "The sign-in page rejects the customer's credentials after a reset."),
+            ("I have two accounts by mistake and would like them merged into one.",
+             "Customer wants two accounts merged into one."),
+            ("The verification text message for logging in never comes.",
+             "Customer does not receive the login verification text message."),
+            ("My account profile shows somebody else's name and phone number.",
+             "Customer's account profile shows another person's details."),
+        ],
+    },
+    "technical": {
+        "train": [
+            ("My {p} won't turn on anymore.", "Customer's {p} no longer turns on."),
+            ("The {p} keeps disconnecting from the Wi-Fi.", "The {p} keeps losing its Wi-Fi connection."),
+            ("The app crashes every time I try to pair the {p}.", "The app crashes when pairing the {p}."),
+            ("The {p} shows error code {c} and then stops working.", "The {p} shows error code {c} and stops working."),
+            ("Since the latest firmware update the {p} is really slow.",
+             "The {p} has been slow since the latest firmware update."),
+            ("The battery of my {p} drains in about an hour.", "The battery of the {p} drains within an hour."),
+            ("My {p} makes a loud buzzing noise when it runs.", "The {p} makes a loud buzzing noise while running."),
+            ("Bluetooth won't connect between my phone and the {p}.",
+             "The {p} will not connect to the customer's phone over Bluetooth."),
+        ],
+        "test": [
+            ("The display on my {p} flickers and then goes black.", "The display of the {p} flickers and goes black."),
+            ("My {p} freezes during setup at the loading screen.", "The {p} freezes at the loading screen during setup."),
+            ("The {p} overheats after a few minutes of use.", "The {p} overheats after a few minutes of use."),
+            ("The software update for the {p} fails with error {c}.", "The {p} software update fails with error {c}."),
+        ],
+    },
+    "returns": {
+        "train": [
+            ("I'd like to return the {p}, it isn't what I need.", "Customer wants to return the {p}."),
+            ("How do I get a return label for the {p}?", "Customer asks for a return label for the {p}."),
+            ("I sent the {p} back {d} days ago and I'm still waiting for the refund.",
+             "Customer returned the {p} {d} days ago and awaits the refund."),
+            ("Can I exchange the {p} for a different colour?",
+             "Customer wants to exchange the {p} for another colour."),
+            ("The {p} arrived scratched and I want to send it back.",
+             "Customer wants to send back a scratched {p}."),
+            ("Is the {p} still within the return window? I bought it {d} days ago.",
+             "Customer asks if the {p} bought {d} days ago can still be returned."),
+            ("Please arrange a pickup so I can return my {p}.",
+             "Customer asks for a pickup to return the {p}."),
+            ("I want to swap the {p} for the bigger model.", "Customer wants to swap the {p} for a bigger model."),
+        ],
+        "test": [
+            ("I changed my mind about the {p}. What is your return policy?",
+             "Customer changed their mind and asks about returning the {p}."),
+            ("The {p} is not the model I ordered, I'd like to send it back for the right one.",
+             "Customer received the wrong {p} model and wants to send it back."),
+            ("Where can I drop off the {p} I'm returning?", "Customer asks where to drop off the returned {p}."),
+            ("Does the refund for a returned {p} include the original postage?",
+             "Customer asks whether the refund for a returned {p} covers postage."),
+        ],
+    },
+}
+
+# Issues that nobody files as "low": a security problem or money taken twice is at least medium.
+NOT_LOW = {"Someone else logged in to my account and changed my details.",
+           "My account profile shows somebody else's name and phone number."}
+
+CUES = {
+    "low": {
+        "train": ["No rush on this.", "Whenever you have time.", "Not urgent at all.", "It's only a minor thing.",
+                  "Just letting you know, no hurry."],
+        "test": ["Take your time getting back to me.", "This can easily wait.", "Low priority, I'm just curious."],
+    },
+    "medium": {
+        "train": ["Could you please look into it?", "Please let me know what to do.", "Can you help me with this?",
+                  "I'd appreciate your help."],
+        "test": ["What are my options here?", "Could someone advise me?"],
+    },
+    "high": {
+        "train": ["Please sort this out soon.", "I need this fixed this week.", "This is getting really frustrating.",
+                  "Please make this a priority."],
+        "test": ["I'd like this solved within a day or two.", "I've waited long enough, please act quickly."],
+    },
+    "urgent": {
+        "train": ["URGENT!", "I need this fixed immediately.", "This is an emergency.",
+                  "Please help right now, I'm losing money.", "I need this resolved today."],
+        "test": ["Time-critical: please reply within the hour.", "My business is at a standstill until this is solved!"],
+    },
+}
+
+GREETINGS = ["Hi,", "Hello,", "Hi there,", "Dear support,", "Hello team,", "Good morning,", "Hey,", ""]
+SIGN_OFFS = ["Thanks.", "Thank you.", "Regards, {n}", "Cheers, {n}", "- {n}", "", "", ""]
+ANGRY = ["This is ridiculous.", "I am very unhappy.", "Really disappointed."]
+EXTRAS = ["I ordered it on {w}.", "I've been a customer for {y} years.", "My order number is {o}.",
+          "I already checked the help page.", "This is my first time contacting you."]
+NAMES = ["Anna", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jon", "Kemi", "Luca", "Maya",
+         "Nils", "Olga", "Pedro", "Rosa", "Sam", "Tara", "Yusuf"]
+WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def _typo(word: str, rng: random.Random) -> str:
+    """One keyboard slip in a word of 4+ letters: swap two neighbours, drop one, or double one."""
+    if len(word) < 4 or not word.isalpha():
+        return word
+    i = rng.randrange(1, len(word) - 2)
+    kind = rng.randrange(3)
+    if kind == 0:
+        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+    if kind == 1:
+        return word[:i] + word[i + 1:]
+    return word[:i] + word[i] + word[i:]
+
+
+def _add_typos(text: str, rng: random.Random, n: int) -> str:
+    words = text.split(" ")
+    for _ in range(n):
+        j = rng.randrange(len(words))
+        words[j] = _typo(words[j], rng)
+    return " ".join(words)
+
+
+def _fill(template: str, slots: dict) -> str:
+    return template.format(**slots)
+
+
+def ticket(category: str, priority: str, pool: str, rng: random.Random) -> dict:
+    """One customer message and its answer: {"message", "answer": {category, priority, summary}, "meta"}.
+
+    pool: "train" or "test", which templates, cues and products to draw from.
+    """
+    choices = [t for t in ISSUES[category][pool] if not (priority == "low" and t[0] in NOT_LOW)]
+    issue_i = rng.randrange(len(choices))
+    text, summary = choices[issue_i]
+    cue = rng.choice(CUES[priority][pool])
+    slots = {"p": rng.choice(PRODUCTS[pool]), "o": f"#{rng.randrange(10000, 99999)}",
+             "a": f"${rng.randrange(5, 400)}.{rng.randrange(100):02d}", "d": rng.randrange(3, 21),
+             "w": rng.choice(WEEKDAYS), "c": f"E{rng.randrange(10, 99)}", "n": rng.choice(NAMES),
+             "y": rng.randrange(2, 12)}
+    tone = rng.choice(["polite", "plain", "terse"] + (["angry"] if priority in ("high", "urgent") else []))
+    parts = []
+    if tone == "polite":
+        parts.append(rng.choice([g for g in GREETINGS if g]))
+    elif tone == "plain" and rng.random() < 0.5:
+        parts.append(rng.choice(GREETINGS))
+    parts.append(_fill(text, slots))
+    if rng.random() < 0.2:
+        parts.append(_fill(rng.choice(EXTRAS), slots))
+    if tone == "angry":
+        parts.append(rng.choice(ANGRY))
+    parts.append(cue)
+    if tone == "polite" or (tone == "plain" and rng.random() < 0.4):
+        parts.append(_fill(rng.choice(SIGN_OFFS), slots))
+    message = " ".join(p for p in parts if p)
+    if tone == "terse":  # typed in a hurry: lower case, no full stops
+        message = message.lower().replace(".", "")
+        if priority == "urgent" and rng.random() < 0.5:
+            message += "!!"
+    if rng.random() < 0.25:
+        message = _add_typos(message, rng, rng.choice([1, 1, 2]))
+    answer = {"category": category, "priority": priority, "summary": _fill(summary, slots)}
+    meta = {"pool": pool, "issue": f"{category}/{pool}/{ISSUES[category][pool].index((text, summary))}",
+            "product": slots["p"] if "{p}" in text else None, "cue": cue, "tone": tone}
+    return {"message": message, "answer": answer, "meta": meta}
+
+
+def row_of(t: dict) -> dict:
+    """A ticket -> the JSONL row: {"messages": [system, user, assistant], "meta": {...}}."""
+    return {"messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                         {"role": "user", "content": t["message"]},
+                         {"role": "assistant", "content": json.dumps(t["answer"])}],
+            "meta": t["meta"]}
+
+
+def generate_split(split: str, n: int | None = None, seed: int | None = None) -> list[dict]:
+    """Rows of one split: categories balanced (n/5 each), priorities drawn 20/30/30/20 %, no repeated message.
+
+    >>> len(generate_split("test", n=10)), generate_split("test", n=4) == generate_split("test", n=4)
+    (10, True)
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+    default_n, default_seed = SPLITS[split]
+    n = default_n if n is None else n
+    rng = random.Random(default_seed if seed is None else seed)
+    pool = POOL_OF_SPLIT[split]
+    categories = [CATEGORIES[i % len(CATEGORIES)] for i in range(n)]
+    rng.shuffle(categories)
+    seen = _messages_of_other_splits(split) if n == default_n and seed is None else set()
+    rows = []
+    for category in categories:
+        while True:  # redraw a message that already exists (in this split or an earlier one)
+            priority = rng.choices(PRIORITIES, weights=PRIORITY_WEIGHTS)[0]
+            t = ticket(category, priority, pool, rng)
+            if t["message"] not in seen:
+                break
+        seen.add(t["message"])
+        rows.append(row_of(t))
+    return rows
+
+
+def _messages_of_other_splits(split: str) -> set[str]:
+    """Validation must not repeat a training message (they share templates): regenerate train to know them."""
+    if split != "validation":
+        return set()
+    return {r["messages"][1]["content"] for r in generate_split("train")}
+
+
+# The forgetting canary: general text and questions unrelated to support tickets, written for this project.
+CANARY_TEXT = """\
+The water cycle moves water between the oceans, the air and the land. Sunlight warms the sea, and water \
+evaporates into the air as vapour. As the vapour rises it cools and condenses into tiny droplets that form \
+clouds. When the droplets grow heavy they fall as rain or snow, and rivers carry the water back to the sea.
+
+Bread is one of the oldest prepared foods. A simple loaf needs only flour, water, salt and yeast. The yeast \
+feeds on sugars in the flour and releases carbon dioxide, which makes the dough rise. Baking sets the \
+structure of the loaf and browns the crust.
+
+A library lends books, music and films to the people of a town. Many libraries also offer quiet rooms for \
+study, free internet access and reading groups for children. Librarians help visitors find information and \
+choose what to read next.
+
+Bicycles are an efficient way to travel short distances. A rider turns the pedals, a chain passes the force \
+to the rear wheel, and gears let the rider climb hills or ride fast on flat roads. Regular cycling is good \
+for the heart and the lungs.
+
+The Moon orbits the Earth about once every twenty-seven days. It does not make its own light; we see it \
+because it reflects light from the Sun. The changing shape of the Moon in the sky, from new moon to full \
+moon, is called its phases.
+"""
+
+CANARY_QUESTIONS = [
+    ("What is the capital of France?", "Paris"),
+    ("How many days are there in a week?", "seven|7"),
+    ("What colour is the sky on a clear day?", "blue"),
+    ("What do bees make?", "honey"),
+    ("What is frozen water called?", "ice"),
+]
+
+
+def canary_rows() -> list[dict]:
+    """The canary questions as rows {"question", "expected"}; `expected` is a `|`-separated list of accepted words."""
+    return [{"question": q, "expected": a} for q, a in CANARY_QUESTIONS]
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def write_all(out_dir: Path) -> dict[str, Path]:
+    """Write triage/{train,validation,test}.jsonl and canary/{general.txt,questions.jsonl}; returns {name: path}."""
+    out_dir = Path(out_dir)
+    written = {}
+    (out_dir / "triage").mkdir(parents=True, exist_ok=True)
+    (out_dir / "canary").mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        written[split] = _write(out_dir / "triage" / f"{split}.jsonl", _jsonl(generate_split(split)))
+    written["canary_text"] = _write(out_dir / "canary" / "general.txt", CANARY_TEXT)
+    written["canary_questions"] = _write(out_dir / "canary" / "questions.jsonl", _jsonl(canary_rows()))
+    return written
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_suffix(path.suffix + ".part")  # atomic: a reader never sees half a file
+    tmp.write_text(text, encoding="utf-8", newline="\n")
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .paths import data_dir
+
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0]) if argv else data_dir()
+    for name, path in write_all(out).items():
+        lines = path.read_text(encoding="utf-8").count("\n")
+        print(f"{name:17s} {lines:5d} lines  {path}")
+
+
+if __name__ == "__main__":
+    main()

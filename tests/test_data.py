@@ -1,0 +1,185 @@
+"""The triage data set: generator determinism, split design, loader errors, answer parsing, hashing."""
+import json
+import re
+
+import pytest
+
+from qlora_nb import data, datagen, paths
+
+GOOD = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                     {"role": "assistant", "content": '{"category": "billing", "priority": "low", "summary": "x."}'}]}
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def bad_row(**change):
+    row = json.loads(json.dumps(GOOD))
+    for key, value in change.items():
+        if key == "answer":
+            row["messages"][-1]["content"] = value
+        else:
+            row[key] = value
+    return json.dumps(row)
+
+
+# --- the committed files -----------------------------------------------------------------------------
+
+def test_generator_reproduces_the_committed_files_byte_for_byte(tmp_path):
+    datagen.write_all(tmp_path)
+    committed = paths.repo_root() / "data"
+    for rel in ["triage/train.jsonl", "triage/validation.jsonl", "triage/test.jsonl",
+                "canary/general.txt", "canary/questions.jsonl"]:
+        assert (tmp_path / rel).read_bytes() == (committed / rel).read_bytes(), f"{rel} differs: rerun datagen"
+
+
+def test_split_sizes_and_balanced_categories():
+    for split, (n, _) in datagen.SPLITS.items():
+        rows = data.load_triage(split)
+        assert len(rows) == n
+        counts = {c: 0 for c in data.CATEGORIES}
+        for r in rows:
+            counts[data.parse_answer(r["messages"][-1]["content"])["category"]] += 1
+        assert set(counts.values()) == {n // len(data.CATEGORIES)}, counts
+        priorities = {data.parse_answer(r["messages"][-1]["content"])["priority"] for r in rows}
+        assert priorities == set(data.PRIORITIES)
+
+
+def _messages(split):
+    return [r["messages"][1]["content"] for r in data.load_triage(split)]
+
+
+def test_no_message_appears_in_two_splits_or_twice():
+    train, val, test = (_messages(s) for s in ("train", "validation", "test"))
+    for msgs in (train, val, test):
+        assert len(set(msgs)) == len(msgs)
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+
+
+def test_test_products_and_phrasings_never_occur_in_train():
+    train_text = " ".join(_messages("train") + _messages("validation")).lower()
+    test_text = " ".join(_messages("test")).lower()
+    for product in datagen.PRODUCTS["test"]:
+        assert product.lower() not in train_text, product
+    for product in datagen.PRODUCTS["train"]:
+        assert not re.search(rf"\b{re.escape(product.lower())}\b", test_text), product
+    # Issue sentences and cue phrases: compare the fixed words before the first slot (lower case, no full stops,
+    # as the terse tone writes them); the generator must not reuse a train sentence in test.
+    def stems(pool_of_templates):
+        return {t.split("{")[0].lower().replace(".", "").strip() for t in pool_of_templates}
+    for category, pools in datagen.ISSUES.items():
+        train_stems = {s for s in stems(t for t, _ in pools["train"]) if len(s) > 12}
+        test_stems = {s for s in stems(t for t, _ in pools["test"]) if len(s) > 12}
+        assert not train_stems & test_stems
+        for s in train_stems:
+            assert s not in test_text, f"train phrasing {s!r} used in test"
+    for priority, pools in datagen.CUES.items():
+        for cue in pools["train"]:
+            assert cue.lower().replace(".", "") not in test_text, f"train cue {cue!r} used in test"
+    rows = data.load_triage("test")
+    assert {r["meta"]["pool"] for r in rows} == {"test"}
+
+
+def test_each_message_carries_its_priority_cue():
+    for split in data.SPLITS:
+        for row in data.load_triage(split):
+            cue = row["meta"]["cue"]
+            priority = data.parse_answer(row["messages"][-1]["content"])["priority"]
+            assert cue in datagen.CUES[priority][datagen.POOL_OF_SPLIT[split]]
+
+
+# --- loader errors -----------------------------------------------------------------------------------
+
+def test_a_non_json_line_is_named_with_file_and_line(tmp_path):
+    path = write_lines(tmp_path / "rows.jsonl", [json.dumps(GOOD), "", "{not json"])
+    with pytest.raises(data.DataError, match=r"rows\.jsonl, line 3: not valid JSON"):
+        data.read_jsonl(path)
+
+
+@pytest.mark.parametrize("line, message", [
+    (json.dumps({"text": "hi"}), "missing field 'messages'"),
+    (json.dumps({"messages": [{"content": "x"}]}), r"messages\[0\] is missing field 'role'"),
+    (json.dumps({"messages": [{"role": "user"}]}), r"messages\[0\] is missing field 'content'"),
+    (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "role 'bot'"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "ending with the 'assistant' answer"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "x"}]}),
+     "alternating"),
+    (bad_row(answer="I think it's billing"), "not one JSON object"),
+    (bad_row(answer='{"category": "refunds", "priority": "low", "summary": "x"}'), "unknown category 'refunds'"),
+    (bad_row(answer='{"category": "billing", "priority": "asap", "summary": "x"}'), "unknown priority 'asap'"),
+])
+def test_malformed_rows_name_the_line_and_the_problem(tmp_path, line, message):
+    path = write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), line])
+    with pytest.raises(data.DataError, match="bad.jsonl, line 2: .*" + message):
+        data.read_jsonl(path)
+
+
+def test_non_triage_chat_rows_pass_with_triage_false(tmp_path):
+    path = write_lines(tmp_path / "chat.jsonl", [bad_row(answer="plain text answer")])
+    assert len(data.read_jsonl(path, triage=False)) == 1
+
+
+def test_an_empty_split_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_NB_DATA", str(tmp_path))
+    datagen.write_all(tmp_path)
+    (tmp_path / "triage" / "validation.jsonl").write_text("\n")
+    with pytest.raises(data.DataError, match="validation split is empty"):
+        data.load_triage("validation")
+    with pytest.raises(data.DataError, match="choose one of train, validation, test"):
+        data.load_triage("dev")
+
+
+def test_missing_data_folder_is_regenerated(tmp_path, monkeypatch):
+    """What a pip install on Colab sees: no data/ folder, so the loader writes it from the generator."""
+    monkeypatch.setenv("QLORA_NB_DATA", str(tmp_path / "fresh"))
+    rows = data.load_triage("test")
+    monkeypatch.delenv("QLORA_NB_DATA")
+    assert rows == data.load_triage("test")
+    assert data.load_canary()["questions"]
+
+
+# --- answers and hashes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"category": "billing", "priority": "low", "summary": "One sentence."}', True),
+    ('\n  {"summary": "s", "priority": "high", "category": "returns"}  \n', True),
+    ('{"category": "invented", "priority": "low", "summary": "s"}', True),   # valid JSON, wrong label
+    ('{"category": "billing", "priority": "low"}', False),
+    ('{"category": "billing", "priority": "low", "summary": "s", "extra": 1}', False),
+    ('{"category": "billing", "priority": 3, "summary": "s"}', False),
+    ('Answer: {"category": "billing", "priority": "low", "summary": "s"}', False),
+    ('{"category": "billing", "priority": "low", "summary": "s"} and more', False),
+    ('```json\n{"category": "billing", "priority": "low", "summary": "s"}\n```', False),
+    ('["billing", "low", "s"]', False),
+    ("", False),
+    (None, False),
+])
+def test_parse_answer(text, ok):
+    assert (data.parse_answer(text) is not None) == ok
+
+
+def test_every_reference_answer_parses_to_its_labels():
+    for split in data.SPLITS:
+        for row in data.load_triage(split):
+            answer = json.loads(row["messages"][-1]["content"])
+            assert data.parse_answer(row["messages"][-1]["content"]) == answer
+
+
+def test_dataset_hash_same_for_split_path_and_rows_and_changes_with_a_row():
+    rows = data.load_triage("validation")
+    h = data.dataset_hash("validation")
+    assert h == data.dataset_hash(rows) == data.dataset_hash(data.split_path("validation"))
+    assert h != data.dataset_hash("test")
+    changed = json.loads(json.dumps(rows))
+    changed[5]["messages"][1]["content"] += "!"
+    assert data.dataset_hash(changed) != h
+    assert data.dataset_hash(["validation", "test"]) == data.dataset_hash(rows + data.load_triage("test"))
+
+
+def test_canary_has_text_and_questions_with_expected_words():
+    canary = data.load_canary()
+    assert len(canary["text"].split()) > 100
+    assert len(canary["questions"]) == len(canary["expected"]) >= 5
+    assert all(q.endswith("?") for q in canary["questions"])
