@@ -1,0 +1,103 @@
+"""Sweeps: cache keys, cache hits without training, one real tiny run, grid, plots and widgets headless."""
+import dataclasses
+import json
+
+import matplotlib
+import pytest
+import torch
+
+from qlora_nb import data, lora, sweeps, train
+
+matplotlib.use("Agg")
+
+
+def _config(**kw):
+    base = dict(base_model="tiny-mistral", rank=2, alpha=4, max_steps=1, batch_size=2, train_limit=4,
+                eval_limit=2, eval_steps=1, save_steps=1, warmup_steps=0, max_seq_length=512)
+    return train.FinetuneConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("change", [dict(rank=4), dict(alpha=8), dict(learning_rate=2e-4), dict(max_steps=2),
+                                    dict(target_modules=("q_proj", "v_proj")), dict(seed=1),
+                                    dict(base_model="embedded")])
+def test_key_changes_with_every_setting_that_matters(change):
+    assert sweeps.setting_key(_config(), 4, "h") != sweeps.setting_key(_config(**change), 4, "h")
+
+
+def test_key_ignores_where_a_run_writes_but_not_data_or_test_size():
+    key = sweeps.setting_key(_config(), 4, "h")
+    assert key == sweeps.setting_key(_config(output_dir="/elsewhere", resume=False, save_steps=9), 4, "h")
+    assert key != sweeps.setting_key(_config(), 8, "h")
+    assert key != sweeps.setting_key(_config(), 4, "other data")
+
+
+def test_real_run_then_cache_hit_without_training(tmp_path, monkeypatch):
+    """One real 1-step QLoRA run on tiny-mistral; the second call must read the JSON and never train."""
+    config = _config()
+    first = sweeps.run_setting(config, n_test=2, root=tmp_path)
+    assert first["cached"] is False
+    assert (tmp_path / f"{first['key']}.json").exists()
+    assert first["trainable_params"] == lora.lora_parameter_count(
+        __import__("transformers").AutoConfig.from_pretrained(
+            __import__("qlora_nb").models.tiny_mistral_path()), 2)
+    assert first["validation_loss"] > 0 and 0 <= first["category_accuracy"] <= 1 and first["adapter_bytes"] > 0
+    assert not list((tmp_path / first["key"]).glob("checkpoint-*"))  # optimizer states removed, adapter kept
+    assert (tmp_path / first["key"] / "adapter" / "adapter_model.safetensors").exists()
+
+    def no_training(*a, **k):
+        raise AssertionError("a cached setting was trained again")
+
+    monkeypatch.setattr(train, "finetune", no_training)
+    again = sweeps.run_setting(dataclasses.replace(config, output_dir="/ignored"), n_test=2, root=tmp_path)
+    assert again["cached"] is True
+    assert {k: v for k, v in again.items() if k != "cached"} == json.loads(json.dumps(
+        {k: v for k, v in first.items() if k != "cached"}))
+    assert sweeps.cached_result(config, n_test=2, root=tmp_path)["key"] == first["key"]
+    assert sweeps.cached_result(_config(rank=4), n_test=2, root=tmp_path) is None
+    with pytest.raises(AssertionError, match="trained again"):  # a new setting does train
+        sweeps.run_setting(_config(rank=4), n_test=2, root=tmp_path)
+
+
+def test_grid_alpha_is_ratio_times_rank():
+    configs = sweeps.grid(_config(), [2, 8], [0.5, 2])
+    assert [(c.rank, c.alpha) for c in configs] == [(2, 1), (2, 4), (8, 4), (8, 16)]
+    assert all(c.max_steps == 1 for c in configs)
+
+
+def _fake(rank, ratio, key):
+    return {"key": key, "rank": rank, "alpha": rank * ratio, "alpha_over_r": ratio, "validation_loss": 1.0 / rank,
+            "valid_json": 0.5, "category_accuracy": 0.25, "trainable_params": 10 * rank, "adapter_bytes": 2**20,
+            "train_seconds": 1.0, "loss_history": {"train": [(1, 2.0), (2, 1.0)], "validation": [(2, 1.1)]},
+            "cached": True}
+
+
+def test_table_and_plots_label_everything():
+    import matplotlib.pyplot as plt
+
+    results = [_fake(r, q, f"k{r}{q}") for r in (2, 4) for q in (1, 2)]
+    table = sweeps.results_table(results)
+    assert len(table.splitlines()) == 2 + len(results)
+    fig, ax = plt.subplots()
+    sweeps.plot_vs_rank(ax, results, "validation_loss", "validation loss (nats/token)")
+    assert len(ax.get_lines()) == 2 and ax.get_xlabel() and ax.get_title() and ax.get_legend()
+    fig, ax = plt.subplots()
+    sweeps.plot_loss_curves(ax, results, highlight="k22")
+    assert len(ax.get_lines()) == 4 and ax.get_ylabel()
+    plt.close("all")
+
+
+def test_widgets_build_headless_without_training(monkeypatch):
+    monkeypatch.setattr(train, "finetune", lambda *a, **k: pytest.fail("a widget trained while being built"))
+    box = sweeps.launcher(_config(), [_fake(2, 2, "a")])
+    assert box.children
+    torch.manual_seed(0)
+    delta = torch.randn(24, 4) @ torch.randn(4, 16)  # exactly rank 4
+    explorer = sweeps.rank_explorer(delta, r=4)
+    err = sweeps.show_rank_capture(lora.singular_values(delta), tuple(delta.shape), 4)
+    assert err < 1e-3 and explorer.children
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
+def test_train_data_hash_is_the_data_modules():
+    assert sweeps._train_data_hash(None, 4) == data.dataset_hash(data.load_triage("train")[:4])
