@@ -201,11 +201,38 @@ def packing_waste(lengths: list[int], max_length: int) -> dict:
             "waste": (slots - real) / slots, "truncated_tokens": sum(lengths) - real}
 
 
-def completion_loss(model, tokenizer, messages: list[dict], chat_template: str | None = None) -> float:
-    """Mean next-token loss (nats per answer token) of the answer, under a chat template.
+def completion_losses(model, tokenizer, conversations: list[list[dict]], chat_template: str | None = None,
+                      batch_size: int = 8) -> list[float]:
+    """Per conversation: mean next-token loss of the answer (nats per answer token) under a chat template.
 
     The number the fine-tune lowers; a template the model was not trained with raises it.
+    Rows are right-padded into batches of B; pad positions get label -100 and attention mask 0.
     """
+    import torch
+
+    device = next(model.parameters()).device
+    encs = [completion_labels(tokenizer, m, chat_template) for m in conversations]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    losses = []
+    for start in range(0, len(encs), batch_size):
+        batch = encs[start:start + batch_size]
+        width = max(len(e["input_ids"]) for e in batch)
+        ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in batch], device=device)
+        labels = torch.tensor([e["labels"] + [IGNORE] * (width - len(e["labels"])) for e in batch], device=device)
+        mask = (torch.arange(width, device=device)[None, :] <
+                torch.tensor([len(e["input_ids"]) for e in batch], device=device)[:, None]).long()  # B, T
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()  # B, T, V
+        # position t predicts token t+1
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                ignore_index=IGNORE, reduction="none")  # B, T-1
+        counted = (labels[:, 1:] != IGNORE).sum(dim=1)  # B
+        losses += (nll.sum(dim=1) / counted).tolist()
+    return losses
+
+
+def completion_loss(model, tokenizer, messages: list[dict], chat_template: str | None = None) -> float:
+    """Mean next-token loss of one conversation's answer in nats per token (the model's own loss with our labels)."""
     import torch
 
     enc = completion_labels(tokenizer, messages, chat_template)

@@ -125,3 +125,15 @@ def test_packing_keeps_every_token_and_fits_the_length():
     assert packed["real_tokens"] == sum(lengths) and packed["truncated_tokens"] == 0
     assert packed["sequences"] >= math.ceil(sum(lengths) / 128)
     assert packed["slots"] == packed["sequences"] * 128
+
+
+def test_batched_answer_losses_equal_the_models_own_loss_per_row(tokenizer, rows):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(models.tiny_mistral_path(), dtype=torch.float32)
+    conversations = [r["messages"] for r in rows]
+    batched = chat.completion_losses(model, tokenizer, conversations, batch_size=4)
+    one_by_one = [chat.completion_loss(model, tokenizer, m) for m in conversations]
+    assert batched == pytest.approx(one_by_one, rel=1e-4)
+    mistral = chat.load_template(chat.MISTRAL_V0_3)
+    assert chat.completion_losses(model, tokenizer, conversations[:2], chat_template=mistral) != batched[:2]
