@@ -22,6 +22,7 @@ from pathlib import Path
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 MISTRAL_V0_3 = "mistral_instruct_v0_3"
+CHATML_SMOLLM2 = "chatml_smollm2"  # SmolLM2-Instruct's own template, as saved with the embedded model
 IGNORE = -100  # the label PyTorch's cross-entropy skips
 
 
@@ -109,6 +110,30 @@ def fold_system(messages: list[dict]) -> list[dict]:
     return [{"role": "user", "content": system["content"]}] + rest
 
 
+def fit_to_template(tokenizer, messages: list[dict], chat_template: str | None = None) -> list[dict]:
+    """`messages` as they should be trained with this template: unchanged if the prompt renders as a prefix of
+    the row, else with the system prompt folded into the user turn (Mistral v0.3), checked again.
+
+    Raises ValueError if even the folded conversation is not prefix-consistent (the mask would be wrong).
+    """
+    if prefix_consistent(tokenizer, messages, chat_template):
+        return messages
+    folded = fold_system(messages)
+    if not prefix_consistent(tokenizer, folded, chat_template):
+        raise ValueError("This chat template renders the prompt differently from the start of the training row, "
+                         "even with the system prompt folded into the user turn, so the completion-only mask "
+                         "would train on prompt tokens. Use a template whose generation prompt is a prefix of the "
+                         "full conversation (see notebook 04).")
+    return folded
+
+
+def other_template(tokenizer) -> tuple[str, str]:
+    """(name, jinja) of a well-known template that is *not* this tokenizer's: Mistral's, or ChatML for Mistral-like ones."""
+    own = tokenizer.chat_template or ""
+    name = CHATML_SMOLLM2 if "[INST]" in own else MISTRAL_V0_3
+    return name, load_template(name)
+
+
 def mask_spans(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
     """[(text, trained)]: the rendered tokens grouped into runs that are in the loss (True) or masked (False)."""
     spans: list[tuple[str, bool]] = []
@@ -133,9 +158,13 @@ def show_mask(tokenizer, input_ids: list[int], labels: list[int], open_: str = "
                    for text, trained in mask_spans(tokenizer, input_ids, labels))
 
 
-def token_lengths(tokenizer, rows: list[dict], chat_template: str | None = None) -> list[int]:
-    """Tokens per row (whole conversation, chat template applied), in row order."""
-    return [len(token_ids(tokenizer, r["messages"], chat_template=chat_template)) for r in rows]
+def token_lengths(tokenizer, rows: list, chat_template: str | None = None) -> list[int]:
+    """Tokens per row (whole conversation, chat template applied), in row order.
+
+    rows: data rows {"messages": [...]} or bare message lists.
+    """
+    return [len(token_ids(tokenizer, r["messages"] if isinstance(r, dict) else r, chat_template=chat_template))
+            for r in rows]
 
 
 def length_stats(lengths: list[int]) -> dict:

@@ -137,3 +137,19 @@ def test_batched_answer_losses_equal_the_models_own_loss_per_row(tokenizer, rows
     assert batched == pytest.approx(one_by_one, rel=1e-4)
     mistral = chat.load_template(chat.MISTRAL_V0_3)
     assert chat.completion_losses(model, tokenizer, conversations[:2], chat_template=mistral) != batched[:2]
+
+
+def test_fit_to_template_folds_only_where_needed(tokenizer, rows):
+    messages = rows[0]["messages"]
+    assert chat.fit_to_template(tokenizer, messages) is messages
+    mistral = chat.load_template(chat.MISTRAL_V0_3)
+    fitted = chat.fit_to_template(tokenizer, messages, mistral)
+    assert fitted == chat.fold_system(messages) and chat.prefix_consistent(tokenizer, fitted, mistral)
+    broken = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
+    with pytest.raises(ValueError, match="prefix of the full conversation"):
+        chat.fit_to_template(tokenizer, messages, broken)
+
+
+def test_the_packaged_chatml_template_is_the_embedded_models_own(tokenizer):
+    assert chat.load_template(chat.CHATML_SMOLLM2) == tokenizer.chat_template
+    assert chat.other_template(tokenizer)[0] == chat.MISTRAL_V0_3
