@@ -1,0 +1,298 @@
+"""Measure what one LoRA / QLoRA training step costs: weight memory, peak memory, step time, tokens per second.
+
+Leaves out: predicting those numbers (memory.py does that), quality (evaluate.py), and
+the Trainer: the loop here is the bare forward / backward / AdamW step the Trainer runs,
+so nothing but the model is on the device.
+
+Run it as one command; each configuration runs in its own process so CUDA's peak
+statistics start fresh:
+
+    python -m qlora_nb.bench --device cuda --out data/bench      # Mistral-7B shape, random weights
+    python -m qlora_nb.bench --device cpu --out /tmp/bench       # embedded model, tiny shapes (CI)
+
+On CUDA it builds a `MistralConfig()` model (7.2 B parameters) with random weights and
+saves it to a temporary folder; on the CPU it uses the embedded model at its real size.
+Each configuration then loads it the way the notebooks do: QLoRA = `from_pretrained(...,
+quantization_config=models.nf4_config())` + `prepare_model_for_kbit_training`; LoRA = bf16
+weights; then `get_peft_model` with r=16 on all seven projections, gradient checkpointing
+(non-reentrant), sdpa attention, train mode, `torch.optim.AdamW`. Random token ids, no
+padding, labels = inputs. Writes `bench_<device>.json` and `bench_<device>.md`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+GPU_CONFIGS = [("qlora", 512, 4), ("qlora", 2048, 1), ("qlora", 2048, 4), ("qlora", 8192, 1),
+               ("lora", 512, 4), ("lora", 2048, 1), ("lora", 2048, 4), ("lora", 8192, 1)]
+CPU_CONFIGS = [("qlora", 16, 2), ("lora", 16, 2)]
+RANK, ALPHA, DROPOUT = 16, 32, 0.05
+LR = 1e-4
+
+
+@dataclass
+class BenchConfig:
+    """One measured configuration. method: 'qlora' (NF4 + double quant) or 'lora' (bf16 base)."""
+    method: str
+    seq: int
+    batch: int
+    warmup: int = 2
+    steps: int = 5
+    checkpointing: bool = True
+    rank: int = RANK
+
+
+def _gib(n: int | float) -> float:
+    return round(n / 2**30, 3)
+
+
+def build_random_mistral(folder: str | Path, device: str = "cuda") -> Path:
+    """Save a `MistralConfig()` model with random bf16 weights to `folder`; returns it. ~14.5 GB on disk."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig()
+    with torch.device(device):
+        model = MistralForCausalLM(config).to(torch.bfloat16)
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return folder
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every distinct storage behind the model's parameters, buffers and 4-bit quant states.
+
+    On the CPU there are no allocator statistics, so this is how the CPU run measures weights:
+    packed 4-bit data, absmax (and the double-quant state), bf16/fp32 tensors, tied weights once.
+    """
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+
+    for t in (*model.parameters(), *model.buffers()):
+        add(t)
+        state = getattr(t, "quant_state", None)
+        while state is not None:
+            for name in ("absmax", "code", "offset"):
+                add(getattr(state, name, None))
+            state = getattr(state, "state2", None)
+    return sum(seen.values())
+
+
+def load_for_bench(model_dir: str | Path, method: str, checkpointing: bool = True, rank: int = RANK):
+    """The model as the notebooks train it: (PeftModel in train mode, weight bytes right after from_pretrained)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from . import models
+
+    cuda = torch.cuda.is_available()
+    kwargs = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    if cuda:
+        kwargs["device_map"] = {"": 0}
+    if method == "qlora":
+        kwargs["quantization_config"] = models.nf4_config()
+    elif method != "lora":
+        raise ValueError(f"method={method!r}: use 'qlora' (NF4 base) or 'lora' (bf16 base)")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    loaded = torch.cuda.memory_allocated() if cuda else weight_bytes(model)
+    gc_kwargs = {"use_reentrant": False}
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    model.config.use_cache = False
+    lora = LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=DROPOUT, bias="none", task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(model, lora)
+    model.train()
+    return model, loaded
+
+
+def measure(model_dir: str | Path, cfg: BenchConfig) -> dict:
+    """Load, train `cfg.warmup + cfg.steps` steps on random tokens, return the measurements (bytes, seconds)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model, loaded = load_for_bench(model_dir, cfg.method, cfg.checkpointing, cfg.rank)
+    device = model.get_input_embeddings().weight.device
+    after_setup = torch.cuda.memory_allocated() if cuda else weight_bytes(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    times, phases = [], {}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(cfg.warmup + cfg.steps):
+        ids = torch.randint(0, vocab, (cfg.batch, cfg.seq), generator=gen).to(device)
+        last = step == cfg.warmup + cfg.steps - 1
+        sync()
+        t0 = time.perf_counter()
+        if cuda and last:
+            peak_so_far = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        loss = model(input_ids=ids, labels=ids).loss  # the output (and its logits) is dropped at once
+        if cuda and last:
+            phases["forward_peak"] = torch.cuda.max_memory_allocated()
+            phases["after_forward"] = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        loss.backward()
+        if cuda and last:
+            phases["backward_peak"] = torch.cuda.max_memory_allocated()
+            phases["after_backward"] = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        if cuda and last:
+            phases["optimizer_peak"] = torch.cuda.max_memory_allocated()
+            phases["end_of_step"] = torch.cuda.memory_allocated()
+        if step >= cfg.warmup:
+            times.append(time.perf_counter() - t0)
+        del loss
+    peak = max([peak_so_far, *phases.values()]) if cuda else None
+    trainable = sum(p.numel() for p in params)
+    med = statistics.median(times)
+    return {**dataclasses.asdict(cfg), "tokens_per_step": cfg.seq * cfg.batch,
+            "weight_bytes_after_load": loaded, "bytes_after_setup": after_setup,
+            "peak_allocated_bytes": peak, "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+            "phases": phases, "trainable_params": trainable,
+            "step_seconds": {"median": med, "min": min(times), "max": max(times), "all": times},
+            "tokens_per_second": cfg.seq * cfg.batch / med, "loss_finite": True}
+
+
+def environment(device: str) -> dict:
+    """Date (UTC), device name, library versions: what a result table must say."""
+    import torch
+
+    from .env import versions
+
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": device, "gpu": name, "versions": versions(("torch", "transformers", "peft", "bitsandbytes",
+                                                                 "accelerate")),
+            "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None}
+
+
+def markdown_table(result: dict) -> str:
+    """The results as a markdown table with a header line naming date, device and versions."""
+    env = result["environment"]
+    v = ", ".join(f"{k} {val}" for k, val in env["versions"].items())
+    lines = [f"# LoRA / QLoRA step benchmark: {result['model']}", "",
+             f"{env['date']} on {env['gpu']}; {v}.", "",
+             "| method | seq x batch | weights after load (GiB) | peak allocated (GiB) | step s median (min, max) | tokens/s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in result["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['seq']}x{r['batch']} | error: {r['error'][:60]} | | | |")
+            continue
+        peak = "-" if r["peak_allocated_bytes"] is None else f"{_gib(r['peak_allocated_bytes']):.2f}"
+        s = r["step_seconds"]
+        lines.append(f"| {'QLoRA NF4+DQ' if r['method'] == 'qlora' else 'bf16 LoRA'} | {r['seq']}x{r['batch']} | "
+                     f"{_gib(r['weight_bytes_after_load']):.2f} | {peak} | "
+                     f"{s['median']:.3f} ({s['min']:.3f}, {s['max']:.3f}) | {r['tokens_per_second']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_all(device: str, out: str | Path, configs=None, model_dir: str | Path | None = None,
+            warmup: int | None = None, steps: int | None = None, timeout: float = 900) -> dict:
+    """Run every configuration in its own process; write and return {'environment', 'model', 'runs'}."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = configs or (GPU_CONFIGS if device == "cuda" else CPU_CONFIGS)
+    tmp = None
+    if model_dir is None:
+        if device == "cuda":
+            tmp = tempfile.TemporaryDirectory(prefix="bench-mistral7b-")
+            model_dir = build_random_mistral(tmp.name)
+            model = "Mistral-7B shape (MistralConfig() defaults), random weights"
+        else:
+            from .models import embedded_base_path
+            model_dir = embedded_base_path()
+            model = "embedded SmolLM2-135M"
+    else:
+        if device == "cuda" and not (Path(model_dir) / "config.json").exists():
+            build_random_mistral(model_dir)
+        c = json.loads((Path(model_dir) / "config.json").read_text())
+        model = (f"{c['model_type']} (hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
+                 f"vocab {c['vocab_size']}) from {Path(model_dir).name}")
+    result = {"environment": environment(device), "model": model, "runs": []}
+    default_warmup, default_steps = (2, 5) if device == "cuda" else (0, 1)
+    for method, seq, batch in configs:
+        cfg = BenchConfig(method, seq, batch, warmup if warmup is not None else default_warmup,
+                          steps if steps is not None else default_steps)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0")) \
+            if device == "cuda" else dict(os.environ, CUDA_VISIBLE_DEVICES="")
+        cmd = [sys.executable, "-m", "qlora_nb.bench", "--one", json.dumps(dataclasses.asdict(cfg)),
+               "--model-dir", str(model_dir)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        if proc.returncode != 0 or not line:
+            run = {**dataclasses.asdict(cfg), "error": (proc.stderr or proc.stdout)[-2000:]}
+        else:
+            run = json.loads(line[-1])
+        run["process_seconds"] = round(time.perf_counter() - t0, 1)
+        result["runs"].append(run)
+        print(f"{method} {seq}x{batch}: " + (run.get("error", "")[-300:] or
+              f"peak {run['peak_allocated_bytes']} tok/s {run['tokens_per_second']:.0f}"), flush=True)
+        (out / f"bench_{device}.json").write_text(json.dumps(result, indent=1))
+        (out / f"bench_{device}.md").write_text(markdown_table(result))
+    if tmp is not None:
+        tmp.cleanup()
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--out", default="data/bench", help="folder for bench_<device>.json / .md")
+    parser.add_argument("--model-dir", default=None, help="a saved model to load instead of building one")
+    parser.add_argument("--configs", default=None, help="e.g. 'qlora:2048x1,lora:2048x1' (default: all)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one BenchConfig as JSON
+    args = parser.parse_args(argv)
+    if args.one:
+        import warnings
+        warnings.filterwarnings("ignore")
+        print(json.dumps(measure(args.model_dir, BenchConfig(**json.loads(args.one)))), flush=True)
+        return
+    configs = None
+    if args.configs:
+        configs = []
+        for item in args.configs.split(","):
+            method, shape = item.split(":")
+            seq, batch = shape.split("x")
+            configs.append((method, int(seq), int(batch)))
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA GPU here. Use --device cpu (embedded model, tiny shapes).")
+    result = run_all(args.device, args.out, configs, args.model_dir)
+    print(markdown_table(result))
+
+
+if __name__ == "__main__":
+    main()
