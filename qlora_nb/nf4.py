@@ -117,6 +117,7 @@ def quantize_to_codes(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64) 
         tail_max = flat[full:].abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, tail_max.unsqueeze(0)])
         scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    code = code.to(flat.device)
     midpoints = (code[:-1] + code[1:]) / 2  # decision boundaries between neighbouring code values
     indices = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
     return indices, absmax
@@ -124,8 +125,8 @@ def quantize_to_codes(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64) 
 
 def codes_to_values(indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     """float32 values code[indices] * absmax of their block, shape (n,): the inverse of quantize_to_codes."""
-    values = code[indices.reshape(-1).long()]  # (n,)
-    block_of = torch.arange(values.numel()) // blocksize
+    values = code.to(indices.device)[indices.reshape(-1).long()]  # (n,)
+    block_of = torch.arange(values.numel(), device=values.device) // blocksize
     return values * absmax[block_of]
 
 
@@ -160,7 +161,7 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, kind: str = "nf4") -> tu
     _check_blocksize(blocksize)
     code = code_for(kind)
     indices, absmax = quantize_to_codes(w, code, blocksize)
-    zero_index = int(torch.bucketize(torch.zeros(1), (code[:-1] + code[1:]) / 2))
+    zero_index = int(torch.bucketize(torch.zeros(1), (code[:-1] + code[1:]) / 2))  # pad value for odd counts
     return pack_nibbles(indices, pad=zero_index), absmax
 
 
@@ -174,7 +175,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize
     if absmax.numel() != -(-n // blocksize):
         raise ValueError(f"absmax has {absmax.numel()} blocks but shape {tuple(shape)} with blocksize "
                          f"{blocksize} needs {-(-n // blocksize)}; was it quantized with another blocksize?")
-    values = codes_to_values(unpack_nibbles(packed, n), absmax.float(), code_for(kind), blocksize)
+    values = codes_to_values(unpack_nibbles(packed, n), absmax.float().to(packed.device), code_for(kind), blocksize)
     return values.reshape(shape).to(dtype)
 
 
