@@ -206,12 +206,14 @@ def markdown_table(result: dict) -> str:
              "| method | seq x batch | weights after load (GiB) | peak allocated (GiB) | step s median (min, max) | tokens/s |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in result["runs"]:
+        method = "QLoRA NF4+DQ" if r["method"] == "qlora" else "bf16 LoRA"
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['seq']}x{r['batch']} | error: {r['error'][:60]} | | | |")
+            error = r["error"].strip().splitlines()[-1][:80] if r["error"].strip() else "failed"
+            lines.append(f"| {method} | {r['seq']}x{r['batch']} | error: {error} | | | |")
             continue
         peak = "-" if r["peak_allocated_bytes"] is None else f"{_gib(r['peak_allocated_bytes']):.2f}"
         s = r["step_seconds"]
-        lines.append(f"| {'QLoRA NF4+DQ' if r['method'] == 'qlora' else 'bf16 LoRA'} | {r['seq']}x{r['batch']} | "
+        lines.append(f"| {method} | {r['seq']}x{r['batch']} | "
                      f"{_gib(r['weight_bytes_after_load']):.2f} | {peak} | "
                      f"{s['median']:.3f} ({s['min']:.3f}, {s['max']:.3f}) | {r['tokens_per_second']:,.0f} |")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,465 @@
+"""Predict the GPU memory and FLOPs of a LoRA / QLoRA training step from a model's shape, and say whether it fits.
+
+Leaves out: measuring (bench.py does that, and tests/test_memory.py holds these
+predictions to its H100 numbers in data/bench/), multi-GPU sharding, KV caches and
+inference, and fragmentation inside PyTorch's caching allocator (the peak here is
+`torch.cuda.max_memory_allocated`; `fits` keeps a margin for the rest).
+
+The model counts bytes from first principles, for the path the notebooks take
+(transformers + peft + bitsandbytes, sdpa attention, no padding, gradient checkpointing):
+
+* weights: 4-bit linears pack two weights per byte plus one absmax per 64 (fp32, or
+  with double quantization one byte plus an fp32 per 256 blocks); embeddings, norms and
+  lm_head stay 16-bit, and `prepare_model_for_kbit_training` casts them to fp32.
+* LoRA: r * (in + out) fp32 parameters per adapted linear, as many gradients, and the
+  optimizer's state (AdamW: two fp32 moments; 8-bit AdamW: two bytes).
+* checkpoints: with gradient checkpointing each decoder layer keeps only its input,
+  B * T * hidden in the activation dtype. That dtype is fp32 for QLoRA, because the
+  fp32 embedding that prepare_model_for_kbit_training makes turns the whole residual
+  stream fp32 (every 4-bit linear returns its input's dtype), and bf16 for bf16 LoRA.
+* the recomputed layer: in backward one layer at a time is run again and keeps all it
+  saves for backward: RMSNorm inputs, q/k/v and the attention output, each LoRA
+  dropout's copy of its input (fp32) and mask (1 byte), the MLP's gate, up, SiLU and
+  product, plus two fp32 gradients of the hidden state in flight or one dequantized
+  16-bit weight (bitsandbytes dequantizes the 4-bit weight for each matmul and frees it).
+* attention: sdpa picks a kernel by dtype. bf16 with grouped KV heads runs flash
+  attention (O(T) memory). fp32 with grouped KV heads (QLoRA after the upcast) only runs
+  on the math kernel, which stores B * heads * T * T fp32 scores; in its backward four
+  such buffers are alive at once. When T reaches a sliding window the model needs a
+  mask: then KV heads are repeated, the memory-efficient kernel runs, and the mask costs
+  B * T * T bytes (bool) plus a copy in the activation dtype.
+* logits: lm_head's output is upcast to fp32 for the loss (transformers' ForCausalLMLoss);
+  log_softmax keeps its fp32 output, and backward holds that, its gradient and the
+  logits' gradient: 12 bytes per token per vocabulary entry.
+* the peak is the static part plus the largest of three moments: the recomputed layer's
+  backward, the math attention's backward, the loss's backward (with all checkpoints alive).
+
+>>> p = plan("mistral-7b", quant="nf4+dq", seq=2048, batch=1)
+>>> round(p.weights_loaded / 2**30, 2), p.attention_kernel, p.peak_moment
+(3.84, 'math', 'attention backward (math kernel)')
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 2**30
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTS = ("none", "nf4", "nf4+dq")
+# Optimizer state in bytes per trainable parameter. Paged variants keep the same state but let
+# bitsandbytes page it to CPU memory under pressure; the planner counts it on the GPU.
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "paged_adamw_32bit": 8.0, "adamw_8bit": 2.0 + 8 / 256,
+                         "paged_adamw_8bit": 2.0 + 8 / 256, "sgd": 0.0}
+CUBLAS_WORKSPACES = 2 * 32 * 2**20  # one 32 MiB cuBLAS workspace for the forward thread, one for autograd's
+CUDA_CONTEXT_GIB = 0.5              # CUDA context + kernels: outside max_memory_allocated, inside the card
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a decoder-only causal LM that memory depends on (Llama / Mistral layout).
+
+    head_dim * heads may differ from hidden (Gemma-like); kv_heads < heads is grouped-query
+    attention; sliding_window is None for full attention.
+    """
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool = False
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_config(cls, config, name: str | None = None) -> "ModelShape":
+        """From a transformers config object (or its dict / config.json path)."""
+        if isinstance(config, (str, Path)):
+            path = Path(config)
+            config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+        get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+        heads = get("num_attention_heads")
+        hidden = get("hidden_size")
+        window = get("sliding_window") if get("use_sliding_window", True) is not False else None
+        return cls(name=name or get("model_type", "model"), hidden=hidden, layers=get("num_hidden_layers"),
+                   heads=heads, kv_heads=get("num_key_value_heads") or heads,
+                   head_dim=get("head_dim") or hidden // heads, intermediate=get("intermediate_size"),
+                   vocab=get("vocab_size"), tied=bool(get("tie_word_embeddings", False)), sliding_window=window)
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """{projection: (out_features, in_features)} of one decoder layer.
+
+        >>> MODELS["mistral-7b"].linear_shapes()["k_proj"]
+        (1024, 4096)
+        """
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+    def layer_linear_params(self) -> int:
+        return sum(o * i for o, i in self.linear_shapes().values())
+
+    def embedding_params(self) -> int:
+        """Input embedding plus lm_head (once if tied)."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def norm_params(self) -> int:
+        return self.hidden * (2 * self.layers + 1)
+
+    def total_params(self) -> int:
+        """All parameters; equals transformers' count for Llama/Mistral models (tests check this)."""
+        return self.layers * self.layer_linear_params() + self.embedding_params() + self.norm_params()
+
+
+# Named shapes, written as code so the widget needs no download. Sources in the comments.
+MODELS: dict[str, ModelShape] = {
+    # transformers.MistralConfig() defaults (the Mistral-7B-v0.1 shape; sliding window 4096)
+    "mistral-7b": ModelShape("Mistral 7B", 4096, 32, 32, 8, 128, 14336, 32000, False, 4096),
+    # meta-llama/Meta-Llama-3-8B config.json
+    "llama-3-8b": ModelShape("Llama-3 8B", 4096, 32, 32, 8, 128, 14336, 128256, False, None),
+    # meta-llama/Llama-2-13b-hf config.json
+    "llama-2-13b": ModelShape("Llama-2 13B", 5120, 40, 40, 40, 128, 13824, 32000, False, None),
+    # meta-llama/Meta-Llama-3-70B config.json
+    "llama-3-70b": ModelShape("Llama-3 70B", 8192, 80, 64, 8, 128, 28672, 128256, False, None),
+}
+MODEL_CHOICES = ("embedded", *MODELS)
+
+
+def model_shape(name_or_config) -> ModelShape:
+    """A ModelShape from a name in MODEL_CHOICES, a transformers config, a folder, or a ModelShape."""
+    if isinstance(name_or_config, ModelShape):
+        return name_or_config
+    if isinstance(name_or_config, str) and name_or_config in MODELS:
+        return MODELS[name_or_config]
+    if name_or_config == "embedded":
+        from .models import embedded_base_path
+        return ModelShape.from_config(embedded_base_path(), name="embedded SmolLM2-135M")
+    if isinstance(name_or_config, str) and not Path(name_or_config).exists():
+        raise ValueError(f"model {name_or_config!r} is not known: use one of {', '.join(MODEL_CHOICES)}, "
+                         "a transformers config, or a folder with a config.json")
+    return ModelShape.from_config(name_or_config)
+
+
+def weight_bytes(shape: ModelShape, quant: str = "nf4+dq", upcast: bool = False,
+                 blocksize: int = 64, dq_blocksize: int = 256) -> int:
+    """Bytes of the model's weights: decoder linears in 4-bit (or bf16), the rest bf16 (fp32 if `upcast`).
+
+    >>> round(weight_bytes(MODELS["mistral-7b"], "none") / 2**30, 2)
+    13.49
+    """
+    if quant not in QUANTS:
+        raise ValueError(f"quant={quant!r}: choose one of {', '.join(QUANTS)}")
+    other = shape.embedding_params() + shape.norm_params()
+    other_bytes = other * (4 if upcast else 2)
+    if quant == "none":
+        return shape.layers * shape.layer_linear_params() * 2 + other_bytes
+    total = 0
+    for o, i in shape.linear_shapes().values():
+        n = o * i
+        blocks = -(-n // blocksize)
+        stats = 4 * blocks if quant == "nf4" else blocks + 4 * -(-blocks // dq_blocksize) + 4
+        total += -(-n // 2) + stats
+    return shape.layers * total + other_bytes
+
+
+def lora_params(shape: ModelShape, rank: int, targets=ALL_PROJECTIONS) -> int:
+    """Trainable LoRA parameters: sum of r * (in + out) over the adapted linears of every layer.
+
+    >>> lora_params(MODELS["mistral-7b"], 16)
+    41943040
+    """
+    shapes = shape.linear_shapes()
+    unknown = set(targets) - set(shapes)
+    if unknown:
+        raise ValueError(f"target modules {sorted(unknown)} are not in this model; it has {sorted(shapes)}")
+    return shape.layers * sum(rank * (i + o) for name, (o, i) in shapes.items() if name in targets)
+
+
+def needs_mask(shape: ModelShape, seq: int) -> bool:
+    """True when transformers builds a (B, 1, T, T) mask: T reaches the sliding window (no padding assumed)."""
+    return shape.sliding_window is not None and seq >= shape.sliding_window
+
+
+def attention_kernel(shape: ModelShape, seq: int, act_bytes: int) -> str:
+    """Which sdpa kernel a CUDA GPU runs (torch 2.11): 'flash', 'efficient' (with a mask) or 'math'.
+
+    transformers passes no mask (is_causal) unless T reaches the sliding window; with no
+    mask it asks sdpa for grouped-query attention, which in fp32 only the math kernel takes.
+    """
+    if needs_mask(shape, seq):
+        return "efficient"
+    if act_bytes == 2 or shape.kv_heads == shape.heads:
+        return "flash" if act_bytes == 2 else "efficient"
+    return "math"
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted bytes of one training step; `peak` = static + checkpoints + the largest moment.
+
+    All sizes in bytes. `moments` holds each candidate moment's bytes beyond static + checkpoints.
+    """
+    model: ModelShape
+    quant: str
+    rank: int
+    targets: tuple
+    optimizer: str
+    batch: int
+    seq: int
+    checkpointing: bool
+    dropout: float
+    upcast: bool
+    act_bytes: int
+    attention_kernel: str
+    weights_loaded: int
+    weights: int
+    lora_params: int
+    lora_bytes: int
+    lora_grad_bytes: int
+    optimizer_bytes: int
+    workspace: int
+    checkpoints: int
+    moments: dict = field(default_factory=dict)
+    flops: dict = field(default_factory=dict)
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.lora_bytes + self.lora_grad_bytes + self.optimizer_bytes + self.workspace
+
+    @property
+    def peak_moment(self) -> str:
+        return max(self.moments, key=self.moments.get)
+
+    @property
+    def activations(self) -> int:
+        """Bytes beyond static + checkpoints at the peak moment."""
+        return self.moments[self.peak_moment]
+
+    @property
+    def logits(self) -> int:
+        return self.moments["loss backward (logits)"]
+
+    @property
+    def peak(self) -> int:
+        return self.static + self.checkpoints + self.activations
+
+    def breakdown(self) -> dict[str, float]:
+        """{component: GiB} summing to the peak, in stacking order for a bar chart."""
+        return {"weights": self.weights / GIB,
+                "LoRA params + grads + optimizer": (self.lora_bytes + self.lora_grad_bytes + self.optimizer_bytes) / GIB,
+                "CUDA workspaces": self.workspace / GIB,
+                "checkpointed layer inputs" if self.checkpointing else "saved activations (all layers)":
+                    self.checkpoints / GIB,
+                f"peak moment: {self.peak_moment}": self.activations / GIB}
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.breakdown().items())
+        return f"{self.model.name} {self.quant} r={self.rank} {self.seq}x{self.batch}: peak {self.peak / GIB:.2f} GiB ({parts})"
+
+
+def _layer_bytes_per_token(shape: ModelShape, a: int, kernel: str, targets, rank: int, dropout: float) -> dict:
+    """Bytes per token the recomputed layer holds at its backward, by part (see the module docstring)."""
+    h, i = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    shapes = shape.linear_shapes()
+    ins = [shapes[t][1] for t in targets]
+    # residual stream: attention output after o_proj, the residual sum, the second norm's output;
+    # bf16 RMSNorm also keeps an fp32 copy of each of its two inputs (in fp32 they are the tensors themselves)
+    resid = 3 * a * h + (8 * h if a == 2 else 0)
+    if kernel == "flash":
+        attn = a * (2 * q + 2 * kv)          # q, k, v (grouped, not repeated), output
+    elif kernel == "efficient":
+        attn = a * (2 * q + 2 * q)           # q, repeated k and v, output
+    else:
+        attn = a * 3 * q                     # q, repeated k and v; the T x T scores are counted apart
+    if dropout > 0:
+        # each adapter's dropout keeps an fp32 copy of its input and a bool mask; a bf16 input is
+        # first cast to fp32 (one such cast alive at a time)
+        lora = 5 * sum(ins) + (4 * max(ins, default=0) if a == 2 else 0)
+    else:
+        lora = 4 * sum(ins) if a == 2 else 0  # lora_A keeps its fp32 input (a cast copy only for bf16)
+    lora += 4 * rank * len(ins)                  # lora_B's input (B, T, r)
+    mlp = 4 * a * i                              # gate out, up out, SiLU out, their product
+    return {"residual stream": resid, "attention": attn, "LoRA inputs": lora, "MLP": mlp}
+
+
+def plan(model="mistral-7b", quant: str = "nf4+dq", rank: int = 16, targets=ALL_PROJECTIONS,
+         optimizer: str = "adamw", batch: int = 1, seq: int = 2048, checkpointing: bool = True,
+         dropout: float = 0.05, upcast: bool | None = None, device: str = "cuda") -> MemoryPlan:
+    """Predict a training step's memory (bytes) and FLOPs per token for `model` (name, config or ModelShape).
+
+    upcast None means what the notebooks do: quantized models go through
+    prepare_model_for_kbit_training (non-4-bit weights and hence activations in fp32), bf16 ones do not.
+    device 'cpu' drops the CUDA workspaces (the CPU has no cuBLAS workspace).
+    """
+    shape = model_shape(model)
+    targets = tuple(targets)
+    for name, value in {"rank": rank, "batch": batch, "seq": seq}.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r}: it must be a positive integer")
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ValueError(f"optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZER_STATE_BYTES)}")
+    if quant not in QUANTS:
+        raise ValueError(f"quant={quant!r}: choose one of {', '.join(QUANTS)}")
+    upcast = (quant != "none") if upcast is None else upcast
+    a = 4 if upcast else 2
+    n = batch * seq
+    kernel = attention_kernel(shape, seq, a)
+    n_lora = lora_params(shape, rank, targets)
+    per_token = _layer_bytes_per_token(shape, a, kernel, targets, rank, dropout)
+    layer = n * sum(per_token.values())
+    scores = batch * shape.heads * seq * seq * 4 if kernel == "math" else 0   # fp32 T x T per head
+    mask = batch * seq * seq * (1 + a) if needs_mask(shape, seq) else 0  # bool mask + sdpa's additive copy
+    grads = 2 * 4 * n * shape.hidden                                           # two fp32 (B, T, hidden) gradients
+    dequant = 2 * max(o * i for o, i in shape.linear_shapes().values()) if quant != "none" else 0
+    shapes = shape.linear_shapes()
+    qkv_in = sum(shapes[t][1] for t in targets if t in ("q_proj", "k_proj", "v_proj"))
+    logits = n * (4 * shape.hidden + 12 * shape.vocab)   # final norm's fp32 input + logits, log-probs, 2 grads
+    if checkpointing:
+        checkpoints = shape.layers * n * shape.hidden * a
+        moments = {"layer backward (recomputed layer)": layer + scores + mask + max(grads, dequant),
+                   "loss backward (logits)": logits}
+        if kernel == "math":
+            moments["attention backward (math kernel)"] = (n * ((5 if dropout > 0 else 0) * qkv_in + 2 * a * shape.heads
+                                                                * shape.head_dim) + 4 * scores + grads)
+    else:
+        # every layer keeps what the recomputed layer keeps above, scores and mask included
+        checkpoints = shape.layers * (layer + scores + mask)
+        moments = {"layer backward (recomputed layer)": max(grads, dequant) + 3 * scores,
+                   "loss backward (logits)": logits}
+    state = OPTIMIZER_STATE_BYTES[optimizer]
+    result = MemoryPlan(
+        model=shape, quant=quant, rank=rank, targets=targets, optimizer=optimizer, batch=batch, seq=seq,
+        checkpointing=checkpointing, dropout=dropout, upcast=upcast, act_bytes=a, attention_kernel=kernel,
+        weights_loaded=weight_bytes(shape, quant, upcast=False), weights=weight_bytes(shape, quant, upcast=upcast),
+        lora_params=n_lora, lora_bytes=4 * n_lora, lora_grad_bytes=4 * n_lora,
+        optimizer_bytes=int(state * n_lora), workspace=CUBLAS_WORKSPACES if device == "cuda" else 0,
+        checkpoints=checkpoints, moments=moments,
+        flops=flops_per_token(shape, seq, rank, targets, checkpointing))
+    return result
+
+
+def flops_per_token(shape: ModelShape, seq: int, rank: int = 16, targets=ALL_PROJECTIONS,
+                    checkpointing: bool = True) -> dict[str, float]:
+    """Training FLOPs per token of a LoRA step: {'forward', 'backward', 'recompute', 'total'}.
+
+    Forward: 2 per weight of every matmul (decoder linears + lm_head) plus causal attention,
+    2 * 2 * T * heads * head_dim per layer halved by the mask. Backward with a frozen base
+    needs only input gradients (one forward's worth), plus weight gradients for LoRA
+    (2 * 2 per LoRA weight). Checkpointing re-runs the decoder layers' forward once.
+
+    >>> f = flops_per_token(MODELS["mistral-7b"], 2048)
+    >>> round(f["forward"] / 1e9, 1)
+    14.8
+    """
+    matmul = shape.layers * shape.layer_linear_params() + shape.vocab * shape.hidden
+    n_lora = lora_params(shape, rank, targets) if rank else 0
+    attn = shape.layers * 2 * 2 * seq * shape.heads * shape.head_dim / 2
+    forward = 2 * matmul + 2 * n_lora + attn
+    backward = 2 * matmul + attn * 2 + 4 * n_lora
+    recompute = (forward - 2 * shape.vocab * shape.hidden) if checkpointing else 0
+    return {"forward": forward, "backward": backward, "recompute": recompute,
+            "total": forward + backward + recompute}
+
+
+@dataclass
+class FitAnswer:
+    """fits: does the plan's peak fit in usable memory; advice: changes that make it fit (or save most)."""
+    fits: bool
+    peak_gib: float
+    usable_gib: float
+    advice: list
+
+    def __str__(self) -> str:
+        head = (f"fits: peak {self.peak_gib:.1f} GiB of {self.usable_gib:.1f} GiB usable" if self.fits else
+                f"does not fit: peak {self.peak_gib:.1f} GiB > {self.usable_gib:.1f} GiB usable")
+        return "\n".join([head, *[f"- {a}" for a in self.advice]])
+
+
+def usable_gib(gpu_gib: float, margin: float = 0.1) -> float:
+    """GiB that tensors may use on a `gpu_gib` card: minus the CUDA context, minus `margin` for fragmentation.
+
+    >>> round(usable_gib(80), 2)
+    71.55
+    """
+    return (gpu_gib - CUDA_CONTEXT_GIB) * (1 - margin)
+
+
+def fits(p: MemoryPlan, gpu_gib: float, margin: float = 0.1) -> FitAnswer:
+    """Whether plan `p` fits a GPU with `gpu_gib` GiB, and what to change when it does not.
+
+    Each suggestion is re-planned, so its number is the planner's, not a rule of thumb.
+    """
+    if gpu_gib <= CUDA_CONTEXT_GIB:
+        raise ValueError(f"gpu_gib={gpu_gib}: give the card's memory in GiB, e.g. 24 or 80")
+    room = usable_gib(gpu_gib, margin)
+    peak = p.peak / GIB
+    if peak <= room:
+        return FitAnswer(True, peak, room, [])
+    base = dict(model=p.model, quant=p.quant, rank=p.rank, targets=p.targets, optimizer=p.optimizer,
+                batch=p.batch, seq=p.seq, checkpointing=p.checkpointing, dropout=p.dropout, upcast=p.upcast)
+    advice = []
+
+    def tryit(label: str, **change):
+        q = plan(**{**base, **change})
+        gib = q.peak / GIB
+        advice.append((gib > room, gib, f"{label}: peak {gib:.1f} GiB" + ("" if gib > room else " (fits)")))
+
+    if p.quant == "none":
+        tryit("load the base in 4-bit (quant='nf4+dq', QLoRA)", quant="nf4+dq", upcast=None)
+    if not p.checkpointing:
+        tryit("turn gradient checkpointing on", checkpointing=True)
+    if p.batch > 1:
+        b = p.batch
+        while b > 1 and plan(**{**base, "batch": b}).peak / GIB > room:
+            b //= 2
+        tryit(f"batch {b} with gradient accumulation {-(-p.batch // b)} (same tokens per optimizer step)", batch=b)
+    if p.seq > 256:
+        s = p.seq
+        while s > 256 and plan(**{**base, "seq": s}).peak / GIB > room:
+            s //= 2
+        tryit(f"sequences of {s} tokens", seq=s)
+    if p.upcast and p.quant != "none":
+        tryit("keep activations bf16 (skip prepare_model_for_kbit_training's fp32 cast)", upcast=False)
+    if p.optimizer in ("adamw", "paged_adamw_32bit"):
+        tryit("8-bit AdamW (optim='paged_adamw_8bit')", optimizer="paged_adamw_8bit")
+    if p.rank > 8:
+        tryit("rank 8", rank=8)
+    weights = weight_bytes(p.model, "nf4+dq", upcast=False) / GIB
+    if weights > room:
+        advice.append((True, weights, f"the 4-bit weights alone need {weights:.1f} GiB: use a GPU with at least "
+                                      f"{weights / (1 - margin) + CUDA_CONTEXT_GIB:.0f} GiB or a smaller model"))
+    advice.sort(key=lambda t: (t[0], t[1]))
+    return FitAnswer(False, peak, room, [text for _, _, text in advice])
+
+
+def compare_with_measurement(run: dict, model="mistral-7b") -> dict:
+    """{'predicted', 'measured', 'ratio'} peak bytes for one run of bench.py's JSON (ratio = predicted / measured)."""
+    quant = "nf4+dq" if run["method"] == "qlora" else "none"
+    p = plan(model, quant=quant, rank=run.get("rank", 16), batch=run["batch"], seq=run["seq"],
+             checkpointing=run.get("checkpointing", True))
+    measured = run["peak_allocated_bytes"]
+    return {"predicted": p.peak, "measured": measured, "ratio": p.peak / measured, "plan": p}
+
+
+def load_bench(path=None) -> dict:
+    """The committed GPU benchmark (data/bench/bench_cuda.json) as a dict."""
+    from .paths import data_dir
+
+    path = Path(path) if path else data_dir() / "bench" / "bench_cuda.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python -m qlora_nb.bench --device cuda --out "
+                                f"{path.parent}` on a GPU, or restore data/bench/ from git")
+    return json.loads(path.read_text())
+
+
+def plan_dict(p: MemoryPlan) -> dict:
+    """A JSON-friendly view of a plan (GiB and FLOPs), for tables."""
+    d = {k: v for k, v in dataclasses.asdict(p).items() if k not in ("model", "moments", "flops")}
+    d.update(model=p.model.name, peak_gib=p.peak / GIB, peak_moment=p.peak_moment,
+             breakdown_gib=p.breakdown(), train_flops_per_token=p.flops["total"])
+    return d
