@@ -109,12 +109,16 @@ def rank_r_approximation(w: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def finetune_delta(model, module_name: str, input_ids: torch.Tensor, steps: int = 20, lr: float = 1e-4,
-                   seed: int = 0) -> torch.Tensor:
-    """W_after - W_before (float32, (out, in)) of one weight after `steps` of full fine-tuning by AdamW.
+                   seed: int = 0, optimizer: str = "adamw") -> torch.Tensor:
+    """W_after - W_before (float32, (out, in)) of one weight after `steps` of full fine-tuning.
 
     Only `module_name`'s weight is trained, on next-token loss over `input_ids` (B, T); the model
-    is restored afterwards. A small, honest stand-in for "the delta a fine-tune makes".
+    is restored afterwards. optimizer: "sgd" (each step adds -lr * gradient, and a linear layer's
+    gradient sum_t g_t x_t^T has rank <= B*T) or "adamw" (divides each entry by its own running
+    scale, which breaks that low-rank structure).
     """
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer={optimizer!r}: use 'sgd' or 'adamw'")
     torch.manual_seed(seed)
     weight = model.get_submodule(module_name).weight
     before = weight.detach().clone()
@@ -122,7 +126,8 @@ def finetune_delta(model, module_name: str, input_ids: torch.Tensor, steps: int 
     for p in model.parameters():
         p.requires_grad_(False)
     master = nn.Parameter(before.float().clone())  # train in fp32: a bf16 weight would swallow small updates
-    opt = torch.optim.AdamW([master], lr=lr, weight_decay=0.0)
+    opt = (torch.optim.AdamW([master], lr=lr, weight_decay=0.0) if optimizer == "adamw"
+           else torch.optim.SGD([master], lr=lr))
     try:
         for _ in range(steps):
             weight.data = master.detach().to(weight.dtype, copy=True)

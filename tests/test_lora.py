@@ -111,6 +111,14 @@ def test_finetune_delta_changes_only_a_copy(tiny):
     assert torch.equal(tiny.get_submodule(name).weight, before)
 
 
+def test_sgd_delta_has_rank_at_most_the_number_of_tokens(tiny):
+    ids = torch.randint(0, 100, (1, 5))
+    delta = lora.finetune_delta(tiny, "model.layers.1.mlp.down_proj", ids, steps=1, lr=1.0, optimizer="sgd")
+    assert torch.linalg.matrix_rank(delta) <= ids.numel()
+    adam = lora.finetune_delta(tiny, "model.layers.1.mlp.down_proj", ids, steps=1, lr=1e-3)
+    assert torch.linalg.matrix_rank(adam) > ids.numel()
+
+
 def test_bad_input_has_clear_errors():
     with pytest.raises(ValueError, match="not in this model"):
         lora.lora_parameter_count(MistralConfig(), 8, ("query",))
