@@ -268,6 +268,17 @@ def run_all(device: str, out: str | Path, configs=None, model_dir: str | Path | 
     return result
 
 
+def load_step_costs(path=None) -> dict:
+    """The op-by-op H100 timings of benchmarks/step_costs.py (data/bench/step_costs_2048.json)."""
+    from .paths import data_dir
+
+    path = Path(path) if path else data_dir() / "bench" / "step_costs_2048.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python benchmarks/step_costs.py --out {path}` on a GPU, "
+                                "or restore data/bench/ from git")
+    return json.loads(path.read_text())
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")

@@ -424,7 +424,7 @@ def fits(p: MemoryPlan, gpu_gib: float, margin: float = 0.1) -> FitAnswer:
             s //= 2
         tryit(f"sequences of {s} tokens", seq=s)
     if p.upcast and p.quant != "none":
-        tryit("keep activations bf16 (skip prepare_model_for_kbit_training's fp32 cast)", upcast=False)
+        tryit("keep activations bf16 (skip prepare_model_for_kbit_training's fp32 cast; not measured in data/bench)", upcast=False)
     if p.optimizer in ("adamw", "paged_adamw_32bit"):
         tryit("8-bit AdamW (optim='paged_adamw_8bit')", optimizer="paged_adamw_8bit")
     if p.rank > 8:
@@ -444,6 +444,28 @@ def compare_with_measurement(run: dict, model="mistral-7b") -> dict:
              checkpointing=run.get("checkpointing", True))
     measured = run["peak_allocated_bytes"]
     return {"predicted": p.peak, "measured": measured, "ratio": p.peak / measured, "plan": p}
+
+
+def layer_bytes_per_token(p: MemoryPlan) -> dict[str, int]:
+    """{part: bytes per token} the recomputed layer of plan `p` holds (T x T scores and masks not included).
+
+    >>> layer_bytes_per_token(plan("mistral-7b", quant="none"))["MLP"]  # gate, up, SiLU, product in bf16
+    114688
+    """
+    return _layer_bytes_per_token(p.model, p.act_bytes, p.attention_kernel, p.targets, p.rank, p.dropout)
+
+
+def measured_breakdown(run: dict) -> dict[str, float]:
+    """{component: GiB} of one bench.py run, in the planner's stacking order where measurement can tell.
+
+    Weights = memory after set-up minus the fp32 LoRA parameters; LoRA state = parameters,
+    gradients and AdamW's two moments (16 bytes each); the rest of the measured peak is
+    activations, logits and temporaries together.
+    """
+    lora_state = 16 * run["trainable_params"]
+    weights = run["bytes_after_setup"] - 4 * run["trainable_params"]
+    return {"weights": weights / GIB, "LoRA params + grads + optimizer": lora_state / GIB,
+            "activations + temporaries (measured)": (run["peak_allocated_bytes"] - weights - lora_state) / GIB}
 
 
 def load_bench(path=None) -> dict:
