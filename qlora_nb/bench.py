@@ -236,10 +236,14 @@ def run_all(device: str, out: str | Path, configs=None, model_dir: str | Path | 
             model_dir = embedded_base_path()
             model = "embedded SmolLM2-135M"
     else:
-        if device == "cuda" and not (Path(model_dir) / "config.json").exists():
+        built = not (Path(model_dir) / "config.json").exists()
+        if built:
+            if device != "cuda":
+                raise FileNotFoundError(f"--model-dir {model_dir} holds no config.json; on the CPU pass a saved model")
             build_random_mistral(model_dir)
         c = json.loads((Path(model_dir) / "config.json").read_text())
-        model = (f"{c['model_type']} (hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
+        model = ("Mistral-7B shape (MistralConfig() defaults), random weights" if built else
+                 f"{c['model_type']} (hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
                  f"vocab {c['vocab_size']}) from {Path(model_dir).name}")
     result = {"environment": environment(device), "model": model, "runs": []}
     default_warmup, default_steps = (2, 5) if device == "cuda" else (0, 1)

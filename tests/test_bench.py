@@ -49,3 +49,20 @@ def test_committed_gpu_results_are_complete():
     for r in data["runs"]:
         s = r["step_seconds"]
         assert s["min"] <= s["median"] <= s["max"] and r["peak_allocated_bytes"] > r["weight_bytes_after_load"]
+
+
+def test_peak_trace_replays_allocations_to_the_peak():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("peak_trace", paths.repo_root() / "benchmarks" / "peak_trace.py")
+    peak_trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peak_trace)
+    trace = [{"action": "alloc", "addr": 1, "size": 10}, {"action": "alloc", "addr": 2, "size": 30},
+             {"action": "free_requested", "addr": 1}, {"action": "alloc", "addr": 3, "size": 5},
+             {"action": "free_requested", "addr": 99},  # freed, but allocated before the trace began
+             {"action": "free_requested", "addr": 2}]
+    peak, live = peak_trace.live_at_peak(trace)
+    assert peak == 40 and sorted(live) == [1, 2]
+    frames = [{"filename": "/x/torch/_ops.py", "line": 1, "name": "op"},
+              {"filename": "/x/peft/tuners/lora/bnb.py", "line": 552, "name": "forward"}]
+    assert peak_trace.frame_key(frames) == "lora/bnb.py:552 forward"
