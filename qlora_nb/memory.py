@@ -3,7 +3,10 @@
 Leaves out: measuring (bench.py does that, and tests/test_memory.py holds these
 predictions to its H100 numbers in data/bench/), multi-GPU sharding, KV caches and
 inference, and fragmentation inside PyTorch's caching allocator (the peak here is
-`torch.cuda.max_memory_allocated`; `fits` keeps a margin for the rest).
+`torch.cuda.max_memory_allocated`; `fits` keeps a margin for the rest). Measured so far:
+gradient checkpointing on, LoRA dropout > 0, AdamW 32-bit, CUDA; the other settings
+(checkpointing off, dropout 0, 8-bit optimizers, bf16 activations under QLoRA) follow the
+same counting but no measurement checks them yet.
 
 The model counts bytes from first principles, for the path the notebooks take
 (transformers + peft + bitsandbytes, sdpa attention, no padding, gradient checkpointing):
