@@ -96,6 +96,17 @@ def test_checkpointing_reduces_saved_activations():
     assert not peft_model.base_model.model.is_gradient_checkpointing
 
 
+def test_saved_activations_do_not_depend_on_weight_storage():
+    ids = torch.randint(0, 1000, (1, 16))
+    counts = []
+    for quantize in (None, "nf4"):
+        model, _ = models.load_base("tiny-mistral", quantize=quantize)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+        counts.append([activations.saved_activation_bytes(peft_model, ids, checkpointing=c)["after_forward"]
+                       for c in (False, True)])
+    assert counts[0] == counts[1]
+
+
 def test_meter_counts_a_known_saved_tensor():
     lin = torch.nn.Linear(100, 1, bias=False)
     x = torch.randn(10, 100, requires_grad=True)
