@@ -121,6 +121,7 @@ def finetune_delta(model, module_name: str, input_ids: torch.Tensor, steps: int 
         raise ValueError(f"optimizer={optimizer!r}: use 'sgd' or 'adamw'")
     torch.manual_seed(seed)
     weight = model.get_submodule(module_name).weight
+    input_ids = input_ids.to(weight.device)
     before = weight.detach().clone()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
