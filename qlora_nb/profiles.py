@@ -13,8 +13,14 @@ PROFILES = ("ci", "full", "gpu")
 
 # Per notebook stem: overrides on top of the notebook's own defaults.
 _OVERRIDES: dict[str, dict[str, dict]] = {
-    "full": {},
-    "gpu": {},
+    "full": {
+        "01_low_rank": {"delta_steps": 20},
+        "03_qlora_layer": {"seq_len": 256, "batch_size": 2},
+    },
+    "gpu": {
+        "01_low_rank": {"delta_steps": 20},
+        "03_qlora_layer": {"seq_len": 512, "batch_size": 4},
+    },
 }
 
 # Every notebook receives these for the profile (a notebook without such a parameter ignores it).
