@@ -101,8 +101,8 @@ ISSUES = {
              "The {p} was left with an unknown neighbour by the delivery driver."),
         ],
         "test": [
-            ("My {p} parcel seems to be lost, the tracking stopped moving.",
-             "The {p} parcel seems lost and its tracking has stopped."),
+            ("The delivery of my {p} seems lost, the tracking stopped updating days ago.",
+             "The delivery of the {p} seems lost and its tracking stopped updating."),
             ("The delivery date for order {o} keeps getting pushed back.",
              "The delivery date for order {o} keeps being postponed."),
             ("My {p} was shipped {d} days ago and the tracking says 'exception'.",
@@ -129,8 +129,8 @@ ISSUES = {
             ("How do I change the username on my profile?", "Customer wants to change the profile username."),
         ],
         "test": [
-            ("Your sign-in page rejects my password even after I reset it.",
-             "The sign-in page rejects the customer's password after a reset."),
+            ("The login page says my password is incorrect even after I reset it.",
+             "The login page rejects the customer's password even after a reset."),
             ("I have two accounts by mistake and would like them merged into one.",
              "Customer wants two accounts merged into one."),
             ("The verification code for logging in to my account never comes.",
@@ -194,24 +194,25 @@ NOT_LOW = {"Someone else logged in to my account and changed my details.",
 CUES = {
     "low": {
         "train": ["No rush on this.", "Whenever you have time.", "Not urgent at all.", "It's only a minor thing.",
-                  "Just letting you know, no hurry."],
-        "test": ["Take your time, it's not important.", "This can wait, no need to hurry.",
-                 "Only a small thing, reply whenever."],
+                  "Just letting you know, no hurry.", "Low priority.", "Get back to me when it's convenient."],
+        "test": ["No hurry at all, take your time.", "Not important, it can wait.",
+                 "Just a minor issue, reply whenever you like."],
     },
     "medium": {
         "train": ["Could you please look into it?", "Please let me know what to do.", "Can you help me with this?",
-                  "I'd appreciate your help."],
+                  "I'd appreciate your help.", "What should I do?", "Please advise."],
         "test": ["Could someone advise me what to do?", "Any help would be appreciated."],
     },
     "high": {
         "train": ["Please sort this out soon.", "I need this fixed this week.", "This is getting really frustrating.",
-                  "Please make this a priority."],
-        "test": ["Please fix this in the next couple of days.", "This is really annoying, please deal with it soon."],
+                  "Please make this a priority.", "I'd like this handled quickly.", "It's been days and I'm annoyed."],
+        "test": ["Please get this sorted by the end of the week.", "It's frustrating, please handle it soon."],
     },
     "urgent": {
         "train": ["URGENT!", "I need this fixed immediately.", "This is an emergency.",
-                  "Please help right now, I'm losing money.", "I need this resolved today."],
-        "test": ["This is critical, I need it solved immediately!", "Please respond right away, it's an emergency!"],
+                  "Please help right now, I'm losing money.", "I need this resolved today.",
+                  "Critical issue, please respond now!"],
+        "test": ["This is urgent, I need a fix right now!", "Emergency: please act immediately, I'm losing customers!"],
     },
 }
 
