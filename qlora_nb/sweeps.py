@@ -74,9 +74,14 @@ def _train_data_hash(train_rows: list[dict] | None, train_limit: int | None) -> 
     return data.dataset_hash(rows[:train_limit] if train_limit else rows)
 
 
+def key_of(config, n_test: int = 16, train_rows=None) -> str:
+    """setting_key of `config` on its training rows (default: the triage train split, cut to train_limit)."""
+    return setting_key(config, n_test, _train_data_hash(train_rows, config.train_limit))
+
+
 def cached_result(config, n_test: int = 16, root: Path | None = None, train_rows=None) -> dict | None:
     """The saved result of this setting, or None if it was never run (nothing is trained here)."""
-    key = setting_key(config, n_test, _train_data_hash(train_rows, config.train_limit))
+    key = key_of(config, n_test, train_rows)
     path = Path(root or cache_root()) / f"{key}.json"
     return {**json.loads(path.read_text()), "cached": True} if path.exists() else None
 
@@ -93,7 +98,7 @@ def run_setting(config, n_test: int = 16, root: Path | None = None, train_rows=N
 
     root = Path(root or cache_root())
     root.mkdir(parents=True, exist_ok=True)
-    key = setting_key(config, n_test, _train_data_hash(train_rows, config.train_limit))
+    key = key_of(config, n_test, train_rows)
     path = root / f"{key}.json"
     if path.exists():
         return {**json.loads(path.read_text()), "cached": True}
@@ -176,8 +181,9 @@ def launcher(base, results: list[dict], n_test: int = 16, root: Path | None = No
 
     from . import train
 
-    rank = w.Dropdown(options=[1, 2, 4, 8, 16, 32, 64], value=base.rank, description="rank r")
-    alpha = w.Dropdown(options=[1, 2, 4, 8, 16, 32, 64, 128], value=base.alpha, description="alpha")
+    rank = w.Dropdown(options=sorted({1, 2, 4, 8, 16, 32, 64, base.rank}), value=base.rank, description="rank r")
+    alpha = w.Dropdown(options=sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, base.alpha}), value=base.alpha,
+                       description="alpha")
     targets = w.SelectMultiple(options=train.ALL_PROJECTIONS, value=tuple(base.target_modules), rows=7,
                                description="targets")
     lr = w.FloatLogSlider(value=base.learning_rate, base=10, min=-5, max=-2, step=0.25, description="learning rate",
@@ -208,6 +214,29 @@ def launcher(base, results: list[dict], n_test: int = 16, root: Path | None = No
     button.on_click(on_click)
     draw(results[-1]["key"] if results else None)
     return w.VBox([w.HBox([w.VBox([rank, alpha, lr]), targets]), w.HBox([button, status]), out])
+
+
+def adapter_delta(adapter_dir, module: str = "model.layers.0.self_attn.q_proj"):
+    """float32 (out, in): the update (alpha/r) B @ A that a saved adapter adds to one base weight.
+
+    Read straight from adapter_model.safetensors; `module` is the layer's name inside the base
+    model (as in `model.named_modules()`), e.g. "model.layers.0.self_attn.q_proj".
+    """
+    import math
+
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    prefix = f"base_model.model.{module}."
+    if prefix + "lora_A.weight" not in tensors:
+        names = sorted({k.removeprefix("base_model.model.").split(".lora_")[0] for k in tensors})
+        raise KeyError(f"{module!r} has no LoRA weights in {adapter_dir}; adapted layers include {names[:4]} ...")
+    a, b = tensors[prefix + "lora_A.weight"].float(), tensors[prefix + "lora_B.weight"].float()  # (r, in), (out, r)
+    r = a.shape[0]
+    scaling = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+    return (b @ a) * scaling
 
 
 def plot_rank_capture(axes, singular_values, r: int, what: str = "fine-tuning delta"):

@@ -101,3 +101,24 @@ def test_widgets_build_headless_without_training(monkeypatch):
 
 def test_train_data_hash_is_the_data_modules():
     assert sweeps._train_data_hash(None, 4) == data.dataset_hash(data.load_triage("train")[:4])
+
+
+def test_adapter_delta_equals_peft_delta_weight(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlora_nb import models
+
+    model = AutoModelForCausalLM.from_pretrained(models.tiny_mistral_path(), dtype=torch.float32)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    peft_model.save_pretrained(tmp_path)
+    layer = peft_model.base_model.model.model.layers[1].self_attn.v_proj
+    got = sweeps.adapter_delta(tmp_path, "model.layers.1.self_attn.v_proj")
+    assert torch.equal(got, layer.get_delta_weight("default"))
+    with pytest.raises(KeyError, match="no LoRA weights"):
+        sweeps.adapter_delta(tmp_path, "model.layers.1.mlp.up_proj")
