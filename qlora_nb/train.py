@@ -283,6 +283,31 @@ def _step_clock():
     return StepClock()
 
 
+def _qlora_trainer_class():
+    """SFTTrainer whose resume copies the checkpoint's LoRA weights into the live fp32 adapter.
+
+    (Trainer's own resume calls peft's load_adapter, which here re-creates the adapter in the
+    base's bf16: the resumed run would then differ from an uninterrupted one.)
+    """
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from trl import SFTTrainer
+
+    class QLoRATrainer(SFTTrainer):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            model = model if model is not None else self.model
+            weights = Path(resume_from_checkpoint) / "adapter_model.safetensors"
+            if not weights.exists():
+                raise ValueError(f"{resume_from_checkpoint} has no adapter_model.safetensors: it is not a checkpoint "
+                                 "of this training code. Use resume=False or another output_dir.")
+            result = set_peft_model_state_dict(model, load_file(str(weights)))  # copy_ keeps each param's dtype
+            if result.unexpected_keys:
+                raise ValueError(f"{weights} holds weights this model lacks ({result.unexpected_keys[:3]} ...): "
+                                 "it was trained with other LoRA settings. Use resume=False or another output_dir.")
+
+    return QLoRATrainer
+
+
 def sft_config(config: FinetuneConfig, progress: bool = True):
     """The trl SFTConfig for `config`: completion-only loss, checkpoints, validation loss every eval_steps.
 
@@ -344,8 +369,6 @@ def finetune(config: FinetuneConfig, progress: bool = True, *, model=None, token
     """
     import torch
     from datasets import Dataset
-    from trl import SFTTrainer
-
     check_config(config)
     if train_rows is None or eval_rows is None:
         from . import data
@@ -363,7 +386,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, *, model=None, token
 
     trainable, total = trainable_parameters(model)
     clock = _step_clock()
-    trainer = SFTTrainer(model=model, args=sft_config(config, progress), train_dataset=train_set,
+    trainer = _qlora_trainer_class()(model=model, args=sft_config(config, progress), train_dataset=train_set,
                          eval_dataset=eval_set, processing_class=tokenizer, callbacks=[clock])
     if is_cuda():
         torch.cuda.reset_peak_memory_stats()
