@@ -16,10 +16,12 @@ _OVERRIDES: dict[str, dict[str, dict]] = {
     "full": {
         "01_low_rank": {"delta_steps": 20},
         "03_qlora_layer": {"seq_len": 256, "batch_size": 2},
+        "04_data": {"mismatch_rows": 200},
     },
     "gpu": {
         "01_low_rank": {"delta_steps": 20},
         "03_qlora_layer": {"seq_len": 512, "batch_size": 4},
+        "04_data": {"quantize": "nf4", "mismatch_rows": 200},
     },
 }
 
