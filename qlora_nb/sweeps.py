@@ -239,22 +239,37 @@ def adapter_delta(adapter_dir, module: str = "model.layers.0.self_attn.q_proj"):
     return (b @ a) * scaling
 
 
+def numerical_rank(singular_values, rtol: float = 1e-4) -> int:
+    """How many singular values exceed rtol times the largest (the rank up to fp32 round-off).
+
+    >>> import torch
+    >>> numerical_rank(torch.tensor([3.0, 1.0, 1e-9]))
+    2
+    """
+    s = singular_values.float()
+    return int((s > rtol * s[0]).sum()) if len(s) else 0
+
+
 def plot_rank_capture(axes, singular_values, r: int, what: str = "fine-tuning delta"):
-    """Two panels: the delta's singular values with the first r highlighted, and the rank-r relative error curve."""
+    """Two panels: the delta's leading singular values with the first r highlighted, and the rank-r error curve.
+
+    Only the first max(2 r, 2 x numerical rank, 8) values are drawn: past the numerical rank
+    they are round-off. Returns the relative Frobenius error of the best rank-r approximation.
+    """
     from . import lora
     from .plots import label
 
     s = singular_values.float()
     errors = lora.rank_r_errors(s)  # r = 0..len(s)
-    idx = range(1, len(s) + 1)
-    axes[0].semilogy(idx, s.numpy(), color="0.6", lw=1)
-    axes[0].semilogy(list(idx)[:r], s[:r].numpy(), color="C0", lw=2.5, label=f"kept by rank {r}")
-    label(axes[0], f"Singular values of the {what}", "index i", "singular value s_i (log scale)", legend=True)
-    axes[1].plot(range(len(errors)), errors.numpy(), color="C1")
-    axes[1].axvline(r, color="C0", ls="--", label=f"r = {r}: error {errors[r]:.3f}")
-    axes[1].set_xscale("symlog", linthresh=1)
-    label(axes[1], "Best rank-r approximation", "rank r (log scale)", "relative Frobenius error", legend=True)
-    return float(errors[r])
+    n = min(len(s), max(2 * r, 2 * numerical_rank(s), 8))
+    idx = list(range(1, n + 1))
+    axes[0].plot(idx, s[:n].numpy(), color="0.6", lw=1, marker=".")
+    axes[0].plot(idx[:r], s[:min(r, n)].numpy(), color="C0", lw=2.5, marker="o", label=f"kept by rank {r}")
+    label(axes[0], f"Leading singular values of the {what}", "index i", "singular value s_i", legend=True)
+    axes[1].plot(range(n + 1), errors[:n + 1].numpy(), color="C1", marker=".")
+    axes[1].axvline(r, color="C0", ls="--", label=f"r = {r}: error {errors[min(r, len(s))]:.3f}")
+    label(axes[1], "Best rank-r approximation", "rank r", "relative Frobenius error", legend=True)
+    return float(errors[min(r, len(s))])
 
 
 def show_rank_capture(singular_values, shape: tuple[int, int], r: int = 8, what: str = "fine-tuning delta") -> float:
@@ -281,5 +296,5 @@ def rank_explorer(delta, r: int = 8, what: str = "fine-tuning delta"):
 
     s = lora.singular_values(delta)
     shape = tuple(delta.shape)
-    slider = w.IntSlider(value=r, min=1, max=min(len(s), 256), description="rank r")
+    slider = w.IntSlider(value=r, min=1, max=min(len(s), max(2 * numerical_rank(s), 8)), description="rank r")
     return w.interactive(lambda r: show_rank_capture(s, shape, r, what), r=slider)
