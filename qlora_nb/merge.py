@@ -9,8 +9,9 @@ NF4 weights, W + BA is re-quantized and the gap is what 4-bit merging costs.
 Leaves out: training (train.py), the checked loading of adapter folders (adapters.py),
 and serving several adapters at once (serve.py). On the CPU, bitsandbytes repacks 4-bit
 weights into an AVX-512 layout on the first inference call, and peft's 4-bit merge reads
-that layout as if it were the plain one (garbage weights); `plain_4bit_kernels` turns the
-repacking off, which also makes eval-mode numbers match training-mode ones.
+that layout as if it were the plain one (garbage weights); `plain_4bit_kernels` (from
+models.py, which `models.load_base` already applies) turns the repacking off, which also
+makes eval-mode numbers match training-mode ones.
 """
 from __future__ import annotations
 
@@ -18,30 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-
-def plain_4bit_kernels(model) -> int:
-    """Stop bitsandbytes' CPU repacking of 4-bit weights in `model` (in place); returns the number of 4-bit layers.
-
-    Call it right after loading a 4-bit model on a CPU (see module docstring); a no-op on a
-    GPU, where no repacking happens. Layers already repacked are converted back with
-    bitsandbytes' own inverse, which re-quantizes the double-quantized block scales (a
-    difference of about 1e-4 in the weights), so calling it before the first forward is exact.
-    """
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as F
-    except ImportError:
-        return 0
-    n = 0
-    for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        n += 1
-        module.support_avx512bf16_for_cpu = False
-        w = module.weight
-        if getattr(w.quant_state, "packing_format_for_cpu", False):  # bnb's own way back (used when it saves)
-            w.data, w.quant_state = F._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
-    return n
+from .models import plain_4bit_kernels  # noqa: F401  (re-exported: notebook 07 calls merge.plain_4bit_kernels)
 
 
 def merge(peft_model):

@@ -267,6 +267,31 @@ def nf4_config(double_quant: bool = True, compute_dtype=None):
                               bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16)
 
 
+def plain_4bit_kernels(model) -> int:
+    """Stop bitsandbytes' CPU repacking of 4-bit weights in `model` (in place); returns the number of 4-bit layers.
+
+    Call it right after loading a 4-bit model on a CPU (see module docstring); a no-op on a
+    GPU, where no repacking happens. Layers already repacked are converted back with
+    bitsandbytes' own inverse, which re-quantizes the double-quantized block scales (a
+    difference of about 1e-4 in the weights), so calling it before the first forward is exact.
+    """
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        n += 1
+        module.support_avx512bf16_for_cpu = False
+        w = module.weight
+        if getattr(w.quant_state, "packing_format_for_cpu", False):  # bnb's own way back (used when it saves)
+            w.data, w.quant_state = F._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    return n
+
+
 def load_tokenizer(name: str = "auto"):
     """The tokenizer of a base model (see resolve_base_model), with a pad token set."""
     from transformers import AutoTokenizer
@@ -281,7 +306,8 @@ def load_base(name: str = "auto", quantize: str | None = "nf4", double_quant: bo
     """(model, tokenizer) for a base model, 4-bit NF4 by default, the way a 7B user loads it.
 
     quantize: "nf4" (bitsandbytes Linear4bit layers) or None (plain bf16 weights).
-    On a GPU the model goes to cuda:0; on the CPU it stays there.
+    On a GPU the model goes to cuda:0; on the CPU it stays there, with bitsandbytes' CPU
+    repacking switched off (see plain_4bit_kernels) so eval and training use the same weights.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -295,6 +321,10 @@ def load_base(name: str = "auto", quantize: str | None = "nf4", double_quant: bo
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantize == "nf4":
+        # bitsandbytes would repack the weights on the first CPU eval forward; training after that
+        # (05's validation passes) then runs through a slow path with no autograd kernel.
+        plain_4bit_kernels(model)
     return model, load_tokenizer(path)
 
 

@@ -79,3 +79,16 @@ def test_fingerprints_tell_bases_apart():
 def test_unknown_quantize_value_is_rejected():
     with pytest.raises(ValueError, match="nf4"):
         models.load_base("tiny-mistral", quantize="int3")
+
+
+def test_load_base_keeps_4bit_weights_in_the_training_layout_after_eval():
+    import bitsandbytes as bnb
+
+    model, tokenizer = models.load_base("tiny-mistral", quantize="nf4")
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    before = layer.weight.data.clone()
+    model.eval()
+    with torch.no_grad():
+        model(**tokenizer("an eval pass", return_tensors="pt"))
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(layer.weight.data, before)  # bitsandbytes' CPU repacking would change shape and bytes
