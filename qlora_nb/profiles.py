@@ -17,11 +17,23 @@ _OVERRIDES: dict[str, dict[str, dict]] = {
         "01_low_rank": {"delta_steps": 20},
         "03_qlora_layer": {"seq_len": 256, "batch_size": 2},
         "04_data": {"mismatch_rows": 200},
+        "05_finetune": {"max_steps": 150, "eval_sample": 0},
+        "06_sweeps": {"ranks": [2, 4, 8, 16, 32, 64], "alpha_ratios": [0.5, 1, 2, 4], "max_steps": 60,
+                      "batch_size": 8, "train_limit": None, "eval_limit": 48, "n_test": 48},
+        "07_merge_and_ship": {"n_prompts": 32, "fallback_steps": 60, "orders_steps": 30, "train_batch_size": 8,
+                              "speed_new_tokens": 64, "speed_repeats": 5},
     },
     "gpu": {
         "01_low_rank": {"delta_steps": 20},
         "03_qlora_layer": {"seq_len": 512, "batch_size": 4},
         "04_data": {"quantize": "nf4", "mismatch_rows": 200},
+        "05_finetune": {"learning_rate": 2e-4, "max_steps": 200, "batch_size": 4, "grad_accum": 4,
+                        "max_seq_length": 512, "eval_sample": 0, "gen_batch_size": 32},
+        # a 7B base: a smaller grid than `full`
+        "06_sweeps": {"ranks": [4, 16, 64], "alpha_ratios": [1, 2], "max_steps": 100, "batch_size": 8,
+                      "train_limit": None, "eval_limit": 48, "n_test": 48},
+        "07_merge_and_ship": {"n_prompts": 32, "fallback_steps": 60, "orders_steps": 30, "train_batch_size": 8,
+                              "speed_new_tokens": 64, "speed_repeats": 5},
     },
 }
 
