@@ -62,3 +62,14 @@ def test_conventions_catch_a_broken_notebook(tmp_path):
     nbformat.write(nb, path)
     problems = " | ".join(nbtools.convention_problems(path))
     assert "title" in problems and "## Setup" in problems and "parameters" in problems
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_sees_every_parameter(path):
+    from papermill.translators import PythonTranslator
+
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    names = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets]
+    seen = [p.name for p in PythonTranslator.inspect(cell)]
+    assert seen == names, f"papermill cannot parse some parameter lines of {path.name} (an '=' in a comment?)"
