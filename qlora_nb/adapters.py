@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .models import file_sha256
+
 METADATA_FILE = "qlora_nb_metadata.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -28,14 +30,6 @@ FORMAT_VERSION = 1
 
 class AdapterMismatch(RuntimeError):
     """An adapter folder does not fit the base model or tokenizer it is loaded onto, or is damaged."""
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _jsonable(x):
@@ -125,7 +119,7 @@ def save_adapter(peft_model, folder, *, base_model: str, tokenizer, data_hash: s
             "metrics": _jsonable(metrics or {}),
             "library_versions": library_versions(),
             "weights_file": WEIGHTS_FILE,
-            "weights_sha256": _sha256(weights),
+            "weights_sha256": file_sha256(weights),
             "weights_bytes": weights.stat().st_size,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -188,7 +182,7 @@ def check_adapter(folder, *, base_model: str, tokenizer=None) -> dict:
     if not weights.exists():
         raise AdapterMismatch(f"{weights} is missing: the adapter folder is incomplete. "
                               "Re-save or re-train the adapter.")
-    size, digest = weights.stat().st_size, _sha256(weights)
+    size, digest = weights.stat().st_size, file_sha256(weights)
     if digest != meta.get("weights_sha256"):
         raise AdapterMismatch(
             f"{weights} is corrupted: sha256 {digest[:16]}... ({size} bytes), but the adapter was saved "

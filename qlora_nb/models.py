@@ -42,7 +42,8 @@ class BaseModelUnavailable(RuntimeError):
     """A base model cannot be had here; the message says what to use instead."""
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checks the model cache and adapter weights)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -62,7 +63,7 @@ def _find_embedded_gguf() -> Path:
             if (Path(loc) / EMBEDDED_GGUF).exists():
                 return Path(loc) / EMBEDDED_GGUF
     unpacked = cache_dir() / "wheels" / EMBEDDED_GGUF
-    if unpacked.exists() and _sha256(unpacked) == EMBEDDED_GGUF_SHA256:
+    if unpacked.exists() and file_sha256(unpacked) == EMBEDDED_GGUF_SHA256:
         return unpacked
     wheel_dir = cache_dir() / "wheels"
     wheel_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,7 @@ def _embedded_is_valid(folder: Path) -> bool:
     if not manifest.exists():
         return False
     files = json.loads(manifest.read_text())["files"]
-    return all((folder / name).exists() and _sha256(folder / name) == sha for name, sha in files.items())
+    return all((folder / name).exists() and file_sha256(folder / name) == sha for name, sha in files.items())
 
 
 def _materialize_embedded(folder: Path) -> None:
@@ -103,7 +104,7 @@ def _materialize_embedded(folder: Path) -> None:
 
     steps = tqdm(total=4, desc="preparing embedded model", unit="step")
     gguf = _find_embedded_gguf()
-    digest = _sha256(gguf)
+    digest = file_sha256(gguf)
     if digest != EMBEDDED_GGUF_SHA256:
         raise BaseModelUnavailable(f"{gguf} has sha256 {digest}, expected {EMBEDDED_GGUF_SHA256}: "
                                    "the download is corrupt. Delete it and run `python -m qlora_nb prepare` again.")
@@ -129,7 +130,7 @@ def _materialize_embedded(folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / MANIFEST).write_text(json.dumps(
         {"source": f"{EMBEDDED_WHEEL}:{EMBEDDED_GGUF}", "source_sha256": digest, "files": files}, indent=2))
     if folder.exists():
@@ -179,7 +180,7 @@ def tiny_mistral_path(seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"source": f"MistralConfig seed={seed}", "files": files}, indent=2))
     if folder.exists():
         import shutil
