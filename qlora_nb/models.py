@@ -96,6 +96,21 @@ def _embedded_is_valid(folder: Path) -> bool:
     return all((folder / name).exists() and file_sha256(folder / name) == sha for name, sha in files.items())
 
 
+def _save_with_manifest(model, tokenizer, folder: Path, source: dict) -> None:
+    """Save model + tokenizer into `folder` atomically (temp folder, then rename) with a sha256 manifest."""
+    import shutil
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({**source, "files": files}, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.replace(folder)
+
+
 def _materialize_embedded(folder: Path) -> None:
     """GGUF -> bf16 safetensors + tokenizer + chat template, written atomically into `folder`."""
     import torch
@@ -127,16 +142,7 @@ def _materialize_embedded(folder: Path) -> None:
     for key in ("temperature", "top_p", "top_k"):
         setattr(model.generation_config, key, None)
     steps.update(1)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps(
-        {"source": f"{EMBEDDED_WHEEL}:{EMBEDDED_GGUF}", "source_sha256": digest, "files": files}, indent=2))
-    if folder.exists():
-        import shutil
-        shutil.rmtree(folder)
-    tmp.replace(folder)
+    _save_with_manifest(model, tokenizer, folder, {"source": f"{EMBEDDED_WHEEL}:{EMBEDDED_GGUF}", "source_sha256": digest})
     steps.update(1)
     steps.close()
 
@@ -176,16 +182,7 @@ def tiny_mistral_path(seed: int = 0) -> Path:
                            pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = MistralForCausalLM(config).to(torch.bfloat16)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps({"source": f"MistralConfig seed={seed}", "files": files}, indent=2))
-    if folder.exists():
-        import shutil
-        shutil.rmtree(folder)
-    tmp.replace(folder)
+    _save_with_manifest(model, tokenizer, folder, {"source": f"MistralConfig seed={seed}"})
     return folder
 
 
