@@ -5,10 +5,11 @@
 bytes, training seconds) and writes `<runs>/06_sweeps/<key>.json`, where the key hashes
 every setting that changes the result; asking again returns the saved JSON at once.
 `grid`, `results_table` and the `plot_*` helpers turn a list of results into notebook 06's
-table and figures; `launcher` and `rank_explorer` are its two widgets.
+table and figures; `launcher` and `rank_explorer` are its two widgets. The launcher draws a
+new run's loss live while it trains (`plot_live`, fed by a `live.LiveLoss` callback).
 
-Leaves out: the training loop itself (train.py), search strategies beyond a grid, and
-live plotting during a run (finetune reports its loss history when it returns).
+Leaves out: the training loop itself (train.py), the callback that collects logged losses
+(live.py), and search strategies beyond a grid.
 """
 from __future__ import annotations
 
@@ -87,8 +88,11 @@ def cached_result(config, n_test: int = 16, root: Path | None = None, train_rows
 
 
 def run_setting(config, n_test: int = 16, root: Path | None = None, train_rows=None, eval_rows=None,
-                test_rows=None, progress: bool = False) -> dict:
+                test_rows=None, progress: bool = False, callbacks=()) -> dict:
     """Result dict of one setting: from the cache if it was run before, else trained and scored now.
+
+    callbacks: TrainerCallbacks for the training run (e.g. a `live.LiveLoss`); a cached
+    setting trains nothing, so they are never called then.
 
     Keys: key, config, rank, alpha, alpha_over_r, validation_loss (nats/token), valid_json and
     category_accuracy (fractions of n_test test rows), trainable_params, adapter_bytes,
@@ -103,7 +107,8 @@ def run_setting(config, n_test: int = 16, root: Path | None = None, train_rows=N
     if path.exists():
         return {**json.loads(path.read_text()), "cached": True}
     run_config = dataclasses.replace(config, output_dir=str(root / key), resume=False, save_steps=config.max_steps)
-    result = train.finetune(run_config, progress=progress, train_rows=train_rows, eval_rows=eval_rows)
+    result = train.finetune(run_config, progress=progress, train_rows=train_rows, eval_rows=eval_rows,
+                            callbacks=callbacks)
     test_rows = (test_rows if test_rows is not None else data.load_triage("test"))[:n_test]
     scores = evaluate.triage_metrics(result.model, result.tokenizer, test_rows, progress=progress)
     for ckpt in Path(run_config.output_dir).glob("checkpoint-*"):  # the adapter folder is kept; optimizer states are not
@@ -169,17 +174,45 @@ def plot_loss_curves(ax, results: list[dict], highlight: str | None = None, spli
                  legend=True)
 
 
-def launcher(base, results: list[dict], n_test: int = 16, root: Path | None = None, interactive: bool = True):
+def plot_live(ax, results: list[dict], live, name: str = "this run"):
+    """Earlier runs' training-loss curves in grey, the live run's points so far on top in colour.
+
+    live: a `live.LiveLoss` (its history, step and max_steps). The x axis spans the whole
+    planned run, so the live curve grows into an axis that does not rescale at each redraw.
+    """
+    from .plots import label
+
+    right = live.max_steps or 1
+    earlier = [r["loss_history"]["train"] for r in results if r["loss_history"]["train"]]
+    for i, pts in enumerate(earlier):
+        ax.plot(*zip(*pts), color="0.6", lw=1.0, zorder=2, label=f"earlier runs ({len(earlier)})" if i == 0 else None)
+        right = max(right, pts[-1][0])
+    styles = {"train": dict(color="C3", lw=2.2, marker="."), "validation": dict(color="C1", ls="", marker="s")}
+    for split, style in styles.items():
+        pts = live.history[split]
+        if pts:
+            ax.plot(*zip(*pts), zorder=3, label=f"{name}: {split} loss", **style)
+    ax.set_xlim(0, right)
+    return label(ax, f"Live: {name}, step {live.step} of {live.max_steps or '?'}", "optimizer step",
+                 "loss (nats per answer token)", legend=True)
+
+
+def launcher(base, results: list[dict], n_test: int = 16, root: Path | None = None, interactive: bool = True,
+             redraw_seconds: float = 1.0):
     """ipywidgets box: choose rank, alpha, target modules and learning rate, click to run (or read from the cache).
 
-    The figure shows every earlier run's loss curve with the new one on top. Training happens
-    only on a click; the figure is drawn once when the box is built (so it exists headless).
-    `results` is extended in place with each new run.
+    While a new setting trains, its loss curve is redrawn live over the earlier runs (grey)
+    as the trainer logs each step, at most once per `redraw_seconds` (a `live.LiveLoss`
+    callback); when it ends, every run's curve is drawn with the new one on top. A cached
+    setting comes back at once and is drawn the same way. Training happens only on a click;
+    the figure is drawn once when the box is built (so it exists headless). `results` is
+    extended in place with each new run.
     """
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
     from . import train
+    from .live import LiveLoss
 
     rank = w.Dropdown(options=sorted({1, 2, 4, 8, 16, 32, 64, base.rank}), value=base.rank, description="rank r")
     alpha = w.Dropdown(options=sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, base.alpha}), value=base.alpha,
@@ -192,18 +225,30 @@ def launcher(base, results: list[dict], n_test: int = 16, root: Path | None = No
     status = w.Label("")
     out = w.Output()
 
-    def draw(highlight=None):
+    def show(plot):
         with out:
-            out.clear_output(wait=True)
+            out.clear_output(wait=True)  # wait: the old figure stays until the new one arrives (no flicker)
             fig, ax = plt.subplots(figsize=(7, 3.6))
-            plot_loss_curves(ax, results, highlight)
+            plot(ax)
             plt.show()
+            plt.close(fig)  # live redraws would otherwise pile up open figures
+
+    def draw(highlight=None):
+        show(lambda ax: plot_loss_curves(ax, results, highlight))
 
     def on_click(_):
         config = dataclasses.replace(base, rank=rank.value, alpha=alpha.value, learning_rate=lr.value,
                                      target_modules=tuple(targets.value) or tuple(base.target_modules))
+        name = f"r={config.rank}, alpha={config.alpha}"
         status.value = "running ..."
-        result = run_setting(config, n_test=n_test, root=root)
+
+        def draw_live(live):
+            status.value = (f"training {name}: step {live.step} of {live.max_steps}"
+                            + (f", loss {live.history['train'][-1][1]:.4f}" if live.history["train"] else ""))
+            show(lambda ax: plot_live(ax, results, live, name))
+
+        live = LiveLoss(draw_live, min_interval=redraw_seconds)
+        result = run_setting(config, n_test=n_test, root=root, callbacks=[live])
         if all(r["key"] != result["key"] for r in results):
             results.append(result)
         status.value = (f"r={result['rank']}, alpha={result['alpha']}: validation loss {result['validation_loss']:.4f}, "

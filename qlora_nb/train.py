@@ -359,12 +359,14 @@ def loss_history_of(log_history: list[dict]) -> dict:
 
 
 def finetune(config: FinetuneConfig, progress: bool = True, *, model=None, tokenizer=None,
-             train_rows: list[dict] | None = None, eval_rows: list[dict] | None = None) -> FinetuneResult:
+             train_rows: list[dict] | None = None, eval_rows: list[dict] | None = None,
+             callbacks=()) -> FinetuneResult:
     """Train LoRA adapters on the triage task; resume from output_dir's last checkpoint if config.resume.
 
     model/tokenizer: a pair from `load_for_training(config)` (e.g. to score the untrained
     model first without loading the base twice); None loads it here. train_rows/eval_rows:
-    chat rows (default: data.load_triage("train") and ("validation")).
+    chat rows (default: data.load_triage("train") and ("validation")). callbacks: extra
+    transformers TrainerCallbacks (e.g. live.LiveLoss, a live loss curve) given to the trainer.
     The adapter is saved to output_dir/adapter.
     """
     import torch
@@ -387,7 +389,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, *, model=None, token
     trainable, total = trainable_parameters(model)
     clock = _step_clock()
     trainer = _qlora_trainer_class()(model=model, args=sft_config(config, progress), train_dataset=train_set,
-                         eval_dataset=eval_set, processing_class=tokenizer, callbacks=[clock])
+                         eval_dataset=eval_set, processing_class=tokenizer, callbacks=[clock, *callbacks])
     if is_cuda():
         torch.cuda.reset_peak_memory_stats()
     model.train()

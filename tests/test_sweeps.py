@@ -122,3 +122,63 @@ def test_adapter_delta_equals_peft_delta_weight(tmp_path):
     assert torch.equal(got, layer.get_delta_weight("default"))
     with pytest.raises(KeyError, match="no LoRA weights"):
         sweeps.adapter_delta(tmp_path, "model.layers.1.mlp.up_proj")
+
+
+def test_plot_live_draws_earlier_runs_grey_and_the_live_run_on_top():
+    import matplotlib.pyplot as plt
+    from transformers import TrainerControl, TrainerState
+
+    from qlora_nb.live import LiveLoss
+
+    live = LiveLoss(None)
+    state = TrainerState(max_steps=5)
+    live.on_train_begin(None, state, TrainerControl())
+    for step, logs in [(1, {"loss": 2.0}), (2, {"loss": 1.5}), (2, {"eval_loss": 1.7})]:
+        state.global_step = step
+        live.on_log(None, state, TrainerControl(), logs=logs)
+    fig, ax = plt.subplots()
+    sweeps.plot_live(ax, [_fake(2, 2, "a"), _fake(4, 2, "b")], live, "r=8, alpha=16")
+    lines = ax.get_lines()
+    assert [ln.get_color() for ln in lines[:2]] == ["0.6", "0.6"]
+    assert [list(ln.get_xdata()) for ln in lines[2:]] == [[1, 2], [2]]  # live train points, live validation point
+    assert list(lines[2].get_ydata()) == [2.0, 1.5]
+    assert ax.get_title() == "Live: r=8, alpha=16, step 2 of 5"
+    assert ax.get_xlim() == (0, 5) and "step" in ax.get_xlabel() and "nats" in ax.get_ylabel()
+    assert len(ax.get_legend().get_texts()) == 3  # one entry for all earlier runs, two for the live run
+    plt.close("all")
+
+
+def test_launcher_draws_the_new_run_live_then_reads_it_from_the_cache(tmp_path, monkeypatch):
+    """A click trains a real 3-step run on tiny-mistral; the live figure is redrawn as each loss is logged."""
+    import matplotlib.pyplot as plt
+
+    titles, passed = [], []
+    real_plot_live, real_run_setting = sweeps.plot_live, sweeps.run_setting
+
+    def recording_plot_live(ax, results, live, name):
+        real_plot_live(ax, results, live, name)
+        titles.append(ax.get_title())
+
+    def recording_run_setting(*a, **k):
+        passed.append(k.get("callbacks"))
+        return real_run_setting(*a, **k)
+
+    monkeypatch.setattr(sweeps, "plot_live", recording_plot_live)
+    monkeypatch.setattr(sweeps, "run_setting", recording_run_setting)
+    results = [_fake(2, 2, "earlier")]
+    box = sweeps.launcher(_config(max_steps=3, eval_steps=3), results, n_test=2, root=tmp_path, redraw_seconds=0)
+    button, status = box.children[1].children
+    assert titles == []  # building the box draws the earlier runs only, without training
+    button.click()
+    live = passed[0][0]
+    assert len(results) == 2 and results[-1]["cached"] is False
+    assert live.history == {k: [tuple(p) for p in v] for k, v in results[-1]["loss_history"].items()}
+    assert len(live.history["train"]) == 3
+    assert titles[:3] == [f"Live: r=2, alpha=4, step {n} of 3" for n in (1, 2, 3)]  # one redraw per logged loss
+    assert "validation loss" in status.value and "from the cache" not in status.value
+
+    monkeypatch.setattr(train, "finetune", lambda *a, **k: pytest.fail("a cached setting trained again"))
+    n_titles = len(titles)
+    button.click()
+    assert "from the cache" in status.value and len(results) == 2 and len(titles) == n_titles
+    plt.close("all")
