@@ -11,7 +11,12 @@ machine), and the embedded model's cache: the tokenizer is a small BPE trained h
 triage text with a Mistral-style [INST] chat template, which is all the padded steps need.
 
 Usage (on a CUDA machine, from the repo root):
-    python benchmarks/gpu_finetune_smoke.py --steps 10 --seq 512 2048 --batch-size 4
+    python benchmarks/gpu_finetune_smoke.py --steps 10 --seq 512 2048 --batch-size 4 \
+        --out data/bench/finetune_smoke_cuda.json     # also writes finetune_smoke_cuda.md beside it
+    python benchmarks/gpu_finetune_smoke.py --tiny --steps 3 --seq 128 256 --batch-size 2   # CPU dry run
+
+The JSON is {"environment": date, GPU, versions; "model"; "runs": one record per length};
+notebook 05 renders it with `qlora_nb.bench.load_finetune_smoke`.
 """
 from __future__ import annotations
 
@@ -79,6 +84,29 @@ def build_random_mistral(folder: Path, tokenizer, tiny: bool = False) -> Path:
     return folder
 
 
+def markdown(result: dict) -> str:
+    """The smoke runs as a markdown table, headed by date, GPU and versions."""
+    env = result["environment"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    lines = [f"# Notebook 05's fine-tune on the GPU: {result['model']}", "",
+             f"{env['date']} on {env['gpu']}; {versions}.", "",
+             "| seq x batch | steps | peak GPU memory (GiB) | median step (s) | tokens/s | optimizer |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in result["runs"]:
+        peak = "-" if r["peak_gpu_memory_gib"] is None else f"{r['peak_gpu_memory_gib']:.2f}"
+        lines.append(f"| {r['seq_len']}x{r['batch_size']} | {r['steps']} | {peak} | {r['median_step_seconds']:.3f} | "
+                     f"{r['tokens_per_second']:,.0f} | {r['optimizer']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_result(out: str | Path, result: dict) -> None:
+    """`out` (JSON) and the markdown table beside it (same name, .md)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per sequence length")
@@ -86,16 +114,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step")
     parser.add_argument("--folder", default="/tmp/mistral-7b-random", help="where the random base is saved")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family: a CPU dry run of this script")
-    parser.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    parser.add_argument("--out", default=None, help="also write the results to this JSON file (and .md beside it)")
     args = parser.parse_args(argv)
 
     import torch
-    import transformers
-    import peft
     import trl
-    import bitsandbytes
 
     from qlora_nb import data, train
+    from qlora_nb.bench import environment
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
@@ -107,6 +133,11 @@ def main(argv=None) -> int:
     folder = build_random_mistral(Path(args.folder + ("-tiny" if args.tiny else "")), triage_tokenizer(rows),
                                   tiny=args.tiny)
     build_seconds = time.perf_counter() - t0
+    env = environment("cuda" if cuda else "cpu")
+    env["versions"]["trl"] = trl.__version__
+    model = (("tiny (2 layers, width 64) " if args.tiny else "") +
+             "MistralConfig() shape, random weights; 4-bit NF4 + double quant, bf16 compute; "
+             "LoRA r=16 on all 7 projections (train.FinetuneConfig defaults)")
     results = []
     for seq in args.seq:
         config = train.FinetuneConfig(base_model=str(folder), max_steps=args.steps, batch_size=args.batch_size,
@@ -119,21 +150,20 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - t0
         steps = result.step_seconds[1:] or result.step_seconds  # the first step includes CUDA warm-up
         median = statistics.median(steps)
+        optim = train.sft_config(config, progress=False).optim
         record = {
-            "model": ("tiny " if args.tiny else "") + "MistralConfig() random weights, 4-bit NF4 + double quant, bf16 compute",
-            "gpu": torch.cuda.get_device_name(0) if cuda else None,
             "seq_len": seq, "batch_size": args.batch_size, "steps": result.steps_run,
             "tokens_per_step": args.batch_size * seq,
             "peak_gpu_memory_gib": round(result.peak_gpu_memory_bytes / 2**30, 2) if cuda else None,
+            "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes,  # torch.cuda.max_memory_allocated, training only
             "median_step_seconds": round(median, 3),
+            "step_seconds": [round(t, 3) for t in result.step_seconds],  # every step, the warm-up one first
             "tokens_per_second": round(args.batch_size * seq / median, 1),
             "trainable_params": result.trainable_params,
             "final_train_loss": result.loss_history["train"][-1][1],
-            "optimizer": train.sft_config(config, progress=False).optim,
+            "optimizer": getattr(optim, "value", optim),  # TrainingArguments holds an enum; keep its name
             "gradient_checkpointing": cuda,
             "finetune_wall_seconds": round(wall, 1), "build_base_seconds": round(build_seconds, 1),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "peft": peft.__version__, "trl": trl.__version__, "bitsandbytes": bitsandbytes.__version__},
         }
         print(json.dumps(record), flush=True)
         results.append(record)
@@ -141,8 +171,8 @@ def main(argv=None) -> int:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        if args.out:  # after every length, so a run cut short still leaves what it measured
+            write_result(args.out, {"environment": env, "model": model, "runs": results})
     return 0
 
 

@@ -283,6 +283,36 @@ def load_step_costs(path=None) -> dict:
     return json.loads(path.read_text())
 
 
+def _load_recorded(path, name: str, script: str) -> dict:
+    from .paths import data_dir
+
+    path = Path(path) if path else data_dir() / "bench" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python {script} --out {path}` on a CUDA GPU, "
+                                "or restore data/bench/ from git")
+    return json.loads(path.read_text())
+
+
+def load_finetune_smoke(path=None) -> dict:
+    """Notebook 05's train.finetune on a random 7B-shaped Mistral in 4-bit, as recorded on an H100.
+
+    {"environment": date, gpu, versions; "model"; "runs": [{"seq_len", "batch_size",
+    "peak_gpu_memory_gib", "median_step_seconds", "tokens_per_second", ...}]} from
+    data/bench/finetune_smoke_cuda.json (benchmarks/gpu_finetune_smoke.py).
+    """
+    return _load_recorded(path, "finetune_smoke_cuda.json", "benchmarks/gpu_finetune_smoke.py")
+
+
+def load_gpu_latency(path=None) -> dict:
+    """Notebook 07's serving choices (4-bit, 4-bit + adapter, bf16 + adapter, bf16 merged) timed on an H100.
+
+    {"environment", "model", "adapter", "new_tokens", "variants": [{"label", "tokens_per_s",
+    "weights_gib", "peak_gpu_memory_gib", ...}], "logit_checks"} from data/bench/latency_cuda.json
+    (benchmarks/gpu_latency.py).
+    """
+    return _load_recorded(path, "latency_cuda.json", "benchmarks/gpu_latency.py")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")

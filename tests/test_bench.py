@@ -66,3 +66,70 @@ def test_peak_trace_replays_allocations_to_the_peak():
     frames = [{"filename": "/x/torch/_ops.py", "line": 1, "name": "op"},
               {"filename": "/x/peft/tuners/lora/bnb.py", "line": 552, "name": "forward"}]
     assert peak_trace.frame_key(frames) == "lora/bnb.py:552 forward"
+
+
+def test_fast_method_runs_in_the_benchmark_and_peers_say_when_missing(tmp_path, monkeypatch):
+    monkeypatch.delenv("QLORA_NB_PEERS", raising=False)
+    result = bench.run_all("cpu", tmp_path, configs=[("fast", 8, 1), ("fast", 16, 1), ("unsloth", 8, 1)],
+                           warmup=0, steps=1)
+    fast_runs = [r for r in result["runs"] if r["method"] == "fast"]
+    assert [(r["seq"], r["batch"]) for r in fast_runs] == [(8, 1), (16, 1)]  # one process, two shapes
+    for r in fast_runs:
+        assert "error" not in r, r.get("error")
+        assert r["tokens_per_second"] > 0 and r["loss_finite"] and len(r["losses"]) == 1
+    (peer,) = [r for r in result["runs"] if r["method"] == "unsloth"]
+    assert peer.get("not_installed") and "build-site.sh peers" in peer["error"]
+    table = (tmp_path / "bench_cpu.md").read_text()
+    assert "| QLoRA fast path (qlora_nb.fast) | 16x1 |" in table and "| Unsloth QLoRA | 8x1 | error:" in table
+
+
+def _benchmark_script(name, monkeypatch):
+    """benchmarks/<name>.py as a module (the folder is no package; gpu_latency imports gpu_finetune_smoke)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(paths.repo_root() / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def test_recorded_gpu_finetune_smoke_covers_both_lengths(monkeypatch):
+    import statistics
+
+    data = bench.load_finetune_smoke()
+    env = data["environment"]
+    assert "H100" in env["gpu"] and env["date"].endswith("UTC")
+    assert env["versions"]["bitsandbytes"] != "missing" and env["versions"]["trl"] != "missing"
+    runs = {r["seq_len"]: r for r in data["runs"]}
+    assert set(runs) == {512, 2048}
+    for r in runs.values():
+        assert r["optimizer"] == "paged_adamw_8bit" and r["gradient_checkpointing"] is True
+        assert r["steps"] == len(r["step_seconds"]) and r["tokens_per_step"] == r["seq_len"] * r["batch_size"]
+        assert r["median_step_seconds"] == pytest.approx(statistics.median(r["step_seconds"][1:]), abs=1e-3)
+        assert r["tokens_per_second"] == pytest.approx(r["tokens_per_step"] / r["median_step_seconds"], rel=1e-3)
+        assert r["peak_gpu_memory_gib"] == round(r["peak_gpu_memory_bytes"] / 2**30, 2)
+    assert runs[2048]["peak_gpu_memory_bytes"] > runs[512]["peak_gpu_memory_bytes"]
+    smoke = _benchmark_script("gpu_finetune_smoke", monkeypatch)
+    assert (paths.data_dir() / "bench" / "finetune_smoke_cuda.md").read_text() == smoke.markdown(data)
+
+
+def test_recorded_gpu_latency_has_the_four_serving_choices(monkeypatch):
+    data = bench.load_gpu_latency()
+    assert "H100" in data["environment"]["gpu"] and data["batch_size"] == 1
+    v = {r["label"]: r for r in data["variants"]}
+    assert list(v) == ["4-bit base", "4-bit base + adapter", "bf16 base + adapter", "bf16 merged"]
+    for r in v.values():
+        assert r["tokens_per_s"] == pytest.approx(data["new_tokens"] / r["seconds"], rel=1e-3)
+        assert r["peak_gpu_memory_gib"] >= r["weights_gib"] > 0
+    # NF4 stores 4 bits a weight (plus scales); the bf16 base 16, so well over 3x more
+    assert v["bf16 merged"]["weights_bytes"] > 3 * v["4-bit base"]["weights_bytes"]
+    assert v["4-bit base + adapter"]["weights_bytes"] > v["4-bit base"]["weights_bytes"]
+    assert v["bf16 base + adapter"]["weights_bytes"] > v["bf16 merged"]["weights_bytes"]
+    assert data["logit_checks"]["adapter_moves_4bit_logits"]["max_abs"] > 0  # the random adapter is no no-op
+    latency = _benchmark_script("gpu_latency", monkeypatch)
+    assert (paths.data_dir() / "bench" / "latency_cuda.md").read_text() == latency.markdown(data)
+
+
+def test_recorded_result_loaders_name_the_script_when_the_file_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="gpu_finetune_smoke.py"):
+        bench.load_finetune_smoke(tmp_path / "none.json")
+    with pytest.raises(FileNotFoundError, match="gpu_latency.py"):
+        bench.load_gpu_latency(tmp_path / "none.json")
