@@ -1,12 +1,14 @@
 """Predict the GPU memory and FLOPs of a LoRA / QLoRA training step from a model's shape, and say whether it fits.
 
 Leaves out: measuring (bench.py does that, and tests/test_memory.py holds these
-predictions to its H100 numbers in data/bench/), multi-GPU sharding, KV caches and
-inference, and fragmentation inside PyTorch's caching allocator (the peak here is
+predictions to its H100 numbers in data/bench/), KV caches and inference, and
+fragmentation inside PyTorch's caching allocator (the peak here is
 `torch.cuda.max_memory_allocated`; `fits` keeps a margin for the rest). Measured so far:
 gradient checkpointing on, LoRA dropout > 0, AdamW 32-bit, CUDA; the other settings
 (checkpointing off, dropout 0, 8-bit optimizers, bf16 activations under QLoRA) follow the
-same counting but no measurement checks them yet.
+same counting but no measurement checks them yet. Several GPUs: `plan_per_gpu` (at the end)
+predicts the per-GPU peak of data-parallel (DDP) and fully sharded (FSDP) training; no
+measurement checks it yet either.
 
 The model counts bytes from first principles, for the path the notebooks take
 (transformers + peft + bitsandbytes, sdpa attention, no padding, gradient checkpointing):
@@ -488,3 +490,217 @@ def plan_dict(p: MemoryPlan) -> dict:
     d.update(model=p.model.name, peak_gib=p.peak / GIB, peak_moment=p.peak_moment,
              breakdown_gib=p.breakdown(), train_flops_per_token=p.flops["total"])
     return d
+
+
+# ---------------------------------------------------------------- several GPUs (notebook 10)
+#
+# Data parallel (DDP) keeps a whole replica on every GPU and all-reduces the LoRA gradients;
+# fully sharded data parallel (FSDP, PyTorch's FSDP1 through accelerate, FULL_SHARD,
+# use_orig_params=False, peft's wrap policy) splits every wrapped unit's flat parameter into
+# N shards and all-gathers a unit only while it computes. What each GPU holds:
+#
+# * DDP: the single-GPU plan with the per-GPU batch, plus DDP's gradient buckets (a second
+#   fp32 copy of the LoRA gradients that the all-reduce works on; gradient_as_bucket_view off).
+# * FSDP-QLoRA: the 4-bit weights are stored bf16-typed (bnb_4bit_quant_storage=bfloat16, the
+#   same bytes as uint8 storage) so they flatten with the bf16 norms into one flat parameter per
+#   decoder layer; the recipe skips prepare_model_for_kbit_training (FSDP needs one dtype per
+#   unit), so activations stay bf16. Per GPU: 1/N of every unit (padded to a multiple of N),
+#   the quantization statistics of every layer (absmax & co. are attributes of the weight, not
+#   parameters, so FSDP does not shard them), the root unit (embeddings, lm_head, final norm)
+#   all-gathered from forward to the end of backward (FSDP1 does not free the root after
+#   forward), two decoder layers all-gathered at once (the one computing and the one prefetched,
+#   BACKWARD_PRE), 1/N of the LoRA parameters, gradients and optimizer state, and the
+#   activations of the per-GPU batch.
+#
+# Leaves out: NCCL's own buffers and the CUDA context of the communicator, CPU offload, FSDP2,
+# tensor or pipeline parallelism. Not measured yet: the 2-GPU benchmark that would hold these
+# numbers to max_memory_allocated (benchmarks/multigpu_bench.sh) has not run.
+
+STRATEGIES = ("ddp", "fsdp")
+FSDP_LAYERS_IN_FLIGHT = 2  # the layer computing + the one BACKWARD_PRE prefetches
+
+
+def _layer_flat_bytes(shape: ModelShape, quant: str) -> tuple[int, int]:
+    """(bytes FSDP flattens and shards, bytes of quantization statistics it cannot shard) for one decoder layer.
+
+    The flat parameter holds the packed 4-bit data (or bf16 weights) of the seven projections and
+    the layer's two bf16 norms; the statistics are the rest of weight_bytes for the layer.
+
+    >>> flat, stats = _layer_flat_bytes(MODELS["mistral-7b"], "nf4+dq")
+    >>> flat, stats
+    (109068288, 3461148)
+    """
+    linears = shape.layer_linear_params()
+    norms = 2 * shape.hidden * 2
+    if quant == "none":
+        return 2 * linears + norms, 0
+    packed = sum(-(-o * i // 2) for o, i in shape.linear_shapes().values())
+    one_layer = ModelShape(shape.name, shape.hidden, 1, shape.heads, shape.kv_heads, shape.head_dim,
+                           shape.intermediate, shape.vocab, shape.tied, shape.sliding_window)
+    stats = weight_bytes(one_layer, quant) - packed - (one_layer.embedding_params() + one_layer.norm_params()) * 2
+    return packed + norms, stats
+
+
+@dataclass
+class GpuPlan:
+    """Predicted bytes on each of `gpus` GPUs for one training step under `strategy` ('ddp' or 'fsdp').
+
+    base: the single-GPU plan with the same per-GPU batch; activations, checkpoints and
+    workspaces come from it. weights: weight bytes that stay on one GPU (DDP: a whole
+    replica; FSDP: its shards plus the unsharded quantization statistics). gathered: FSDP's
+    all-gathered full units alive at the peak. lora_state: LoRA parameters + gradients +
+    optimizer state on one GPU. comm_buffers: DDP's gradient buckets. All in bytes.
+    """
+    base: MemoryPlan
+    strategy: str
+    gpus: int
+    weights: int
+    gathered: int
+    lora_state: int
+    comm_buffers: int
+    unsharded: int = 0  # the part of `weights` FSDP cannot shard (quantization statistics)
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.gathered + self.lora_state + self.comm_buffers + self.base.workspace
+
+    @property
+    def flat_param_bytes(self) -> int:
+        """FSDP: bytes of the flat parameters one GPU keeps between steps (frozen shards + fp32 LoRA shards), what
+        torch reports for the rank's FlatParameters; DDP: the replica's parameters (weights + fp32 LoRA)."""
+        lora = 4 * (-(-self.base.lora_params // self.gpus) if self.strategy == "fsdp" else self.base.lora_params)
+        return self.weights - self.unsharded + lora
+
+    @property
+    def peak(self) -> int:
+        """Per-GPU peak bytes: static + checkpointed inputs + the largest moment of the per-GPU batch."""
+        return self.static + self.base.checkpoints + self.base.activations
+
+    def breakdown(self) -> dict[str, float]:
+        """{component: GiB on one GPU}, summing to the peak; the same keys for both strategies."""
+        b = self.base
+        return {"weights kept on the GPU": self.weights / GIB,
+                "all-gathered units (FSDP)": self.gathered / GIB,
+                "LoRA params + grads + optimizer": self.lora_state / GIB,
+                "gradient buckets (DDP)": self.comm_buffers / GIB,
+                "CUDA workspaces": b.workspace / GIB,
+                "checkpointed layer inputs" if b.checkpointing else "saved activations (all layers)": b.checkpoints / GIB,
+                "peak moment (activations)": b.activations / GIB}
+
+    def summary(self) -> str:
+        b = self.base
+        return (f"{b.model.name} {b.quant} r={b.rank} {b.seq}x{b.batch} per GPU, {self.strategy} on {self.gpus} GPU"
+                f"{'s' if self.gpus > 1 else ''}: peak {self.peak / GIB:.2f} GiB per GPU")
+
+
+def plan_per_gpu(model="mistral-7b", gpus: int = 2, strategy: str = "fsdp", **plan_kwargs) -> GpuPlan:
+    """Predict the per-GPU peak of QLoRA / LoRA training on `gpus` GPUs, data parallel or fully sharded.
+
+    plan_kwargs go to `plan` (quant, rank, targets, optimizer, batch = sequences per GPU, seq,
+    checkpointing, dropout, upcast); the global batch is gpus x batch. upcast defaults to the
+    recipe of each strategy: DDP runs notebook 05's (prepare_model_for_kbit_training, fp32
+    activations), FSDP-QLoRA skips that cast (bf16 activations). One GPU with 'ddp' is plain
+    single-GPU training and equals plan(); one GPU with 'fsdp' still pays for gathering.
+
+    >>> one = plan_per_gpu("llama-3-70b", gpus=1, strategy="ddp")
+    >>> one.peak == plan("llama-3-70b").peak
+    True
+    >>> two = plan_per_gpu("llama-3-70b", gpus=2, strategy="fsdp")
+    >>> round(one.peak / 2**30, 1), round(two.peak / 2**30, 1)
+    (53.4, 30.7)
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}: choose one of {', '.join(STRATEGIES)} "
+                         "(ddp: a whole copy per GPU; fsdp: every GPU holds 1/N of the weights)")
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise ValueError(f"gpus={gpus!r}: give the number of GPUs as a positive integer")
+    if strategy == "fsdp" and plan_kwargs.get("upcast") is None:
+        plan_kwargs["upcast"] = False
+    base = plan(model, **plan_kwargs)
+    shape, n_lora = base.model, base.lora_params
+    opt = OPTIMIZER_STATE_BYTES[base.optimizer]
+    if strategy == "ddp":
+        buckets = 4 * n_lora if gpus > 1 else 0
+        return GpuPlan(base, strategy, gpus, weights=base.weights, gathered=0,
+                       lora_state=base.lora_bytes + base.lora_grad_bytes + base.optimizer_bytes, comm_buffers=buckets)
+    if base.upcast:
+        raise ValueError("FSDP needs one dtype per wrapped unit: plan it with upcast=False (the FSDP-QLoRA recipe "
+                         "keeps the norms and embeddings bf16)")
+
+    def shard(nbytes: int) -> int:  # FSDP pads each flat parameter (bf16 elements) to a multiple of N
+        return 2 * -(-(nbytes // 2) // gpus)
+
+    layer_flat, layer_stats = _layer_flat_bytes(shape, base.quant)
+    root_flat = (shape.embedding_params() + shape.hidden) * 2
+    weights = shape.layers * (shard(layer_flat) + layer_stats) + shard(root_flat)
+    gathered = root_flat + min(FSDP_LAYERS_IN_FLIGHT, shape.layers) * layer_flat
+    lora_state = int(-(-n_lora // gpus) * (4 + 4 + opt))
+    return GpuPlan(base, strategy, gpus, weights=weights, gathered=gathered, lora_state=lora_state, comm_buffers=0,
+                   unsharded=shape.layers * layer_stats)
+
+
+def fits_per_gpu(gp: GpuPlan, gpu_gib: float, margin: float = 0.1, max_gpus: int = 64) -> FitAnswer:
+    """Whether `gp` fits GPUs of `gpu_gib` GiB each, and (re-planned) what to change when it does not."""
+    if gpu_gib <= CUDA_CONTEXT_GIB:
+        raise ValueError(f"gpu_gib={gpu_gib}: give one GPU's memory in GiB, e.g. 24 or 80")
+    room = usable_gib(gpu_gib, margin)
+    peak = gp.peak / GIB
+    if peak <= room:
+        return FitAnswer(True, peak, room, [])
+    b = gp.base
+    kw = dict(quant=b.quant, rank=b.rank, targets=b.targets, optimizer=b.optimizer, batch=b.batch, seq=b.seq,
+              checkpointing=b.checkpointing, dropout=b.dropout)
+    if gp.strategy == "ddp":
+        kw["upcast"] = b.upcast
+    advice = []
+
+    def tryit(label: str, gpus: int, strategy: str, **change):
+        # DDP keeps the plan's upcast; FSDP plans its own recipe's (bf16 activations)
+        base_kw = {k: v for k, v in kw.items() if strategy == "ddp" or k != "upcast"}
+        q = plan_per_gpu(b.model, gpus=gpus, strategy=strategy, **{**base_kw, **change})
+        gib = q.peak / GIB
+        advice.append((gib > room, gib, f"{label}: peak {gib:.1f} GiB per GPU" + ("" if gib > room else " (fits)")))
+
+    fsdp_kw = {k: v for k, v in kw.items() if k != "upcast"}
+    if gp.strategy == "ddp":
+        tryit(f"fully shard (strategy 'fsdp') on the same {gp.gpus} GPUs", gp.gpus, "fsdp")
+    need = min_gpus(b.model, gpu_gib, "fsdp", margin=margin, max_gpus=max_gpus, **fsdp_kw)
+    if need is not None and need != gp.gpus:
+        tryit(f"fsdp on {need} GPUs", need, "fsdp")
+    if b.batch > 1:
+        tryit(f"1 sequence per GPU with gradient accumulation {b.batch} (same global batch)", gp.gpus, gp.strategy,
+              batch=1)
+    if b.seq > 256:
+        tryit(f"sequences of {b.seq // 2} tokens", gp.gpus, gp.strategy, seq=b.seq // 2)
+    if need is None:
+        one = plan_per_gpu(b.model, gpus=max_gpus, strategy="fsdp", **fsdp_kw)
+        fixed = (one.gathered + one.unsharded + one.base.checkpoints + one.base.activations + one.base.workspace) / GIB
+        advice.append((True, fixed, f"no count of up to {max_gpus} GPUs fits with fsdp: what sharding does not "
+                                    f"shrink (gathered units, quantization statistics, activations, workspaces) "
+                                    f"needs {fixed:.1f} GiB per GPU "
+                                    f"alone; use GPUs with more memory, shorter sequences, or CPU offload "
+                                    f"(fsdp_offload_params: true, not planned here)"))
+    advice.sort(key=lambda t: (t[0], t[1]))
+    return FitAnswer(False, peak, room, [text for _, _, text in advice])
+
+
+def min_gpus(model, gpu_gib: float, strategy: str = "fsdp", margin: float = 0.1, max_gpus: int = 64,
+             **plan_kwargs) -> int | None:
+    """The fewest GPUs of `gpu_gib` GiB on which `plan_per_gpu` fits, or None if none up to max_gpus does.
+
+    >>> min_gpus("llama-3-70b", 48), min_gpus("llama-3-70b", 48, strategy="ddp")
+    (2, None)
+    """
+    room = usable_gib(gpu_gib, margin)
+    for n in range(1, max_gpus + 1):
+        if plan_per_gpu(model, gpus=n, strategy=strategy, **plan_kwargs).peak / GIB <= room:
+            return n
+    return None
+
+
+def gpu_plan_dict(gp: GpuPlan) -> dict:
+    """A JSON-friendly view of a per-GPU plan (GiB), for result files and tables."""
+    return {"strategy": gp.strategy, "gpus": gp.gpus, "model": gp.base.model.name, "quant": gp.base.quant,
+            "rank": gp.base.rank, "batch_per_gpu": gp.base.batch, "seq": gp.base.seq,
+            "optimizer": gp.base.optimizer, "upcast": gp.base.upcast, "peak_gib": gp.peak / GIB,
+            "peak_bytes": gp.peak, "peak_moment": gp.base.peak_moment, "breakdown_gib": gp.breakdown()}

@@ -34,6 +34,8 @@ _OVERRIDES: dict[str, dict[str, dict]] = {
                       "train_limit": None, "eval_limit": 48, "n_test": 48},
         "07_merge_and_ship": {"n_prompts": 32, "fallback_steps": 60, "orders_steps": 30, "train_batch_size": 8,
                               "speed_new_tokens": 64, "speed_repeats": 5},
+        # its training runs on CPU processes (gloo) in every profile; the 2-GPU runs are benchmarks/multigpu_bench.sh
+        "10_multi_gpu": {"base_model": "embedded"},
     },
 }
 
