@@ -4,8 +4,9 @@ Leaves out: predicting those numbers (memory.py does that), quality (evaluate.py
 the Trainer: the loop here is the bare forward / backward / AdamW step the Trainer runs,
 so nothing but the model is on the device.
 
-Run it as one command; each configuration runs in its own process so CUDA's peak
-statistics start fresh:
+Run it as one command; each method runs in its own process (the model loads once, then each
+shape is measured with CUDA's peak statistics reset), and peers (Unsloth, Liger Kernel) only
+in theirs, from the folder QLORA_NB_PEERS names; without it their rows say they are missing:
 
     python -m qlora_nb.bench --device cuda --out data/bench      # Mistral-7B shape, random weights
     python -m qlora_nb.bench --device cpu --out /tmp/bench       # embedded model, tiny shapes (CI)
@@ -16,7 +17,8 @@ Each configuration then loads it the way the notebooks do: QLoRA = `from_pretrai
 quantization_config=models.nf4_config())` + `prepare_model_for_kbit_training`; LoRA = bf16
 weights; then `get_peft_model` with r=16 on all seven projections, gradient checkpointing
 (non-reentrant), sdpa attention, train mode, `torch.optim.AdamW`. Random token ids, no
-padding, labels = inputs. Writes `bench_<device>.json` and `bench_<device>.md`.
+padding, labels = inputs. Methods: qlora (the plain path above), lora (bf16), fast
+(`qlora_nb.fast`), unsloth, liger. Writes `bench_<device>.json` and `bench_<device>.md`.
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-GPU_CONFIGS = [("qlora", 512, 4), ("qlora", 2048, 1), ("qlora", 2048, 4), ("qlora", 8192, 1),
-               ("lora", 512, 4), ("lora", 2048, 1), ("lora", 2048, 4), ("lora", 8192, 1)]
+SHAPES = [(512, 4), (2048, 1), (2048, 4), (8192, 1)]
+GPU_CONFIGS = [(m, s, b) for m in ("qlora", "lora", "fast", "unsloth", "liger") for s, b in SHAPES]
 CPU_CONFIGS = [("qlora", 16, 2), ("lora", 16, 2)]
 RANK, ALPHA, DROPOUT = 16, 32, 0.05
 LR = 1e-4
@@ -42,7 +44,7 @@ LR = 1e-4
 
 @dataclass
 class BenchConfig:
-    """One measured configuration. method: 'qlora' (NF4 + double quant) or 'lora' (bf16 base)."""
+    """One measured configuration. method: one of METHODS ('qlora' = NF4 + double quant, 'lora' = bf16 base, ...)."""
     method: str
     seq: int
     batch: int
@@ -67,10 +69,24 @@ def build_random_mistral(folder: str | Path, device: str = "cuda") -> Path:
         model = MistralForCausalLM(config).to(torch.bfloat16)
     folder = Path(folder)
     model.save_pretrained(folder, safe_serialization=True)
+    placeholder_tokenizer(config.vocab_size).save_pretrained(folder)  # Unsloth loads one with the model
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
     return folder
+
+
+def placeholder_tokenizer(vocab_size: int):
+    """A word-level fast tokenizer with `vocab_size` entries ('t0', 't1', ...): random-token benchmarks need no real one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"t{i}" for i in range(vocab_size - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
 
 
 def weight_bytes(model) -> int:
@@ -98,53 +114,110 @@ def weight_bytes(model) -> int:
     return sum(seen.values())
 
 
-def load_for_bench(model_dir: str | Path, method: str, checkpointing: bool = True, rank: int = RANK):
-    """The model as the notebooks train it: (PeftModel in train mode, weight bytes right after from_pretrained)."""
+PEERS = ("unsloth", "liger")  # benchmark peers: never imported by the package outside this file's child processes
+METHODS = ("qlora", "lora", "fast", "fast_keep", *PEERS)
+METHOD_LABELS = {"qlora": "QLoRA NF4+DQ", "lora": "bf16 LoRA", "fast": "QLoRA fast path (qlora_nb.fast)",
+                 "fast_keep": "fast path, dequantized weights kept for backward",
+                 "unsloth": "Unsloth QLoRA", "liger": "QLoRA + Liger kernels"}
+
+
+def _peer_missing(method: str) -> str | None:
+    """None when the peer library for `method` imports, else what to do about it."""
+    import importlib.util
+
+    module = {"unsloth": "unsloth", "liger": "liger_kernel"}.get(method)
+    if module is None or importlib.util.find_spec(module) is not None:
+        return None
+    return (f"{module} is not installed in this process: build it with `bash ../shared/device/build-site.sh peers` "
+            "and set QLORA_NB_PEERS to the unpacked folder (e.g. /tmp/peers); it is a benchmark peer, never a dependency")
+
+
+def _load_unsloth(model_dir, seq: int, rank: int, checkpointing: bool):
+    import torch
+    from unsloth import FastLanguageModel  # noqa: import patches transformers; only in this child process
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=rank, lora_alpha=ALPHA, lora_dropout=0, bias="none", random_state=0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        use_gradient_checkpointing="unsloth" if checkpointing else False)
+    return model
+
+
+def load_for_bench(model_dir: str | Path, method: str, checkpointing: bool = True, rank: int = RANK, seq: int = 2048):
+    """The model as each method trains it: (model in train mode, weight bytes right after loading).
+
+    qlora: the notebooks' plain path (NF4+DQ, prepare_model_for_kbit_training, LoRA dropout 0.05).
+    lora: bf16 base. fast: NF4+DQ + `fast.enable_fast_path` (LoRA dropout 0); fast_keep: the
+    same with keep_weight=True. liger: the plain
+    path after `apply_liger_kernel_to_mistral()`. unsloth: `FastLanguageModel` in 4-bit.
+    """
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from . import models
+    from . import fast, models
 
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: use one of {', '.join(METHODS)}")
     cuda = torch.cuda.is_available()
+    if method == "unsloth":
+        model = _load_unsloth(model_dir, seq, rank, checkpointing)
+        model.train()
+        return model, torch.cuda.memory_allocated() if cuda else weight_bytes(model)
+    if method == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_mistral
+        apply_liger_kernel_to_mistral()
     kwargs = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
     if cuda:
         kwargs["device_map"] = {"": 0}
-    if method == "qlora":
+    if method != "lora":
         kwargs["quantization_config"] = models.nf4_config()
-    elif method != "lora":
-        raise ValueError(f"method={method!r}: use 'qlora' (NF4 base) or 'lora' (bf16 base)")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    if method != "lora":
+        models.plain_4bit_kernels(model)
     loaded = torch.cuda.memory_allocated() if cuda else weight_bytes(model)
     gc_kwargs = {"use_reentrant": False}
-    if method == "qlora":
+    if method in ("qlora", "liger"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
-    elif checkpointing:
+    elif method == "lora" and checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model.config.use_cache = False
-    lora = LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=DROPOUT, bias="none", task_type="CAUSAL_LM",
+    fast_path = method.startswith("fast")
+    lora = LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0 if fast_path else DROPOUT, bias="none",
+                      task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, lora)
+    if fast_path:
+        fast.enable_fast_path(model, offload=checkpointing and cuda, keep_weight=method == "fast_keep")
     model.train()
     return model, loaded
 
 
-def measure(model_dir: str | Path, cfg: BenchConfig) -> dict:
-    """Load, train `cfg.warmup + cfg.steps` steps on random tokens, return the measurements (bytes, seconds)."""
+def step_loss(model, method: str, ids):
+    """The training loss of one batch for `method` (labels = inputs): the fast path's chunked loss, else model(...).loss."""
+    if method.startswith("fast"):
+        from . import fast
+        return fast.causal_lm_loss(model, ids, ids)
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _train_steps(model, cfg: BenchConfig, loaded: int, after_setup: int) -> dict:
+    """Train `cfg.warmup + cfg.steps` steps of random tokens on a loaded model; the measurements (bytes, seconds)."""
     import torch
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    model, loaded = load_for_bench(model_dir, cfg.method, cfg.checkpointing, cfg.rank)
     device = model.get_input_embeddings().weight.device
-    after_setup = torch.cuda.memory_allocated() if cuda else weight_bytes(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    times, phases = [], {}
+    times, phases, losses = [], {}, []
     if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     for step in range(cfg.warmup + cfg.steps):
         ids = torch.randint(0, vocab, (cfg.batch, cfg.seq), generator=gen).to(device)
@@ -154,7 +227,7 @@ def measure(model_dir: str | Path, cfg: BenchConfig) -> dict:
         if cuda and last:
             peak_so_far = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        loss = model(input_ids=ids, labels=ids).loss  # the output (and its logits) is dropped at once
+        loss = step_loss(model, cfg.method, ids)  # the output (and any logits) is dropped at once
         if cuda and last:
             phases["forward_peak"] = torch.cuda.max_memory_allocated()
             phases["after_forward"] = torch.cuda.memory_allocated()
@@ -172,16 +245,51 @@ def measure(model_dir: str | Path, cfg: BenchConfig) -> dict:
             phases["end_of_step"] = torch.cuda.memory_allocated()
         if step >= cfg.warmup:
             times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
         del loss
     peak = max([peak_so_far, *phases.values()]) if cuda else None
     trainable = sum(p.numel() for p in params)
     med = statistics.median(times)
+    del optimizer
     return {**dataclasses.asdict(cfg), "tokens_per_step": cfg.seq * cfg.batch,
             "weight_bytes_after_load": loaded, "bytes_after_setup": after_setup,
             "peak_allocated_bytes": peak, "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
-            "phases": phases, "trainable_params": trainable,
+            "phases": phases, "trainable_params": trainable, "losses": losses,
             "step_seconds": {"median": med, "min": min(times), "max": max(times), "all": times},
-            "tokens_per_second": cfg.seq * cfg.batch / med, "loss_finite": True}
+            "tokens_per_second": cfg.seq * cfg.batch / med, "loss_finite": all(x == x for x in losses)}
+
+
+def measure_group(model_dir: str | Path, cfgs: list[BenchConfig]) -> list[dict]:
+    """Load the model once for `cfgs` (all one method), then measure each shape, peak statistics reset in between."""
+    import torch
+
+    methods = {c.method for c in cfgs}
+    if len(methods) != 1:
+        raise ValueError(f"one method per process, got {sorted(methods)}")
+    first = cfgs[0]
+    missing = _peer_missing(first.method)
+    if missing:
+        runs = [{**dataclasses.asdict(c), "error": missing, "not_installed": True} for c in cfgs]
+        for run in runs:
+            print(json.dumps(run), flush=True)
+        return runs
+    torch.manual_seed(0)  # the same LoRA initialization for every method
+    model, loaded = load_for_bench(model_dir, first.method, first.checkpointing, first.rank,
+                                   seq=max(c.seq for c in cfgs))
+    after_setup = torch.cuda.memory_allocated() if torch.cuda.is_available() else weight_bytes(model)
+    runs = []
+    for cfg in cfgs:
+        try:
+            runs.append(_train_steps(model, cfg, loaded, after_setup))
+        except torch.OutOfMemoryError as e:  # record it and go on to the next shape
+            runs.append({**dataclasses.asdict(cfg), "error": f"CUDA out of memory: {str(e).splitlines()[0][:200]}"})
+        print(json.dumps(runs[-1]), flush=True)
+    return runs
+
+
+def measure(model_dir: str | Path, cfg: BenchConfig) -> dict:
+    """Load, train `cfg.warmup + cfg.steps` steps on random tokens, return the measurements (bytes, seconds)."""
+    return measure_group(model_dir, [cfg])[0]
 
 
 def environment(device: str) -> dict:
@@ -206,9 +314,9 @@ def markdown_table(result: dict) -> str:
              "| method | seq x batch | weights after load (GiB) | peak allocated (GiB) | step s median (min, max) | tokens/s |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in result["runs"]:
-        method = "QLoRA NF4+DQ" if r["method"] == "qlora" else "bf16 LoRA"
+        method = METHOD_LABELS.get(r["method"], r["method"])
         if "error" in r:
-            error = r["error"].strip().splitlines()[-1][:80] if r["error"].strip() else "failed"
+            error = r["error"].strip().splitlines()[-1][:160] if r["error"].strip() else "failed"
             lines.append(f"| {method} | {r['seq']}x{r['batch']} | error: {error} | | | |")
             continue
         peak = "-" if r["peak_allocated_bytes"] is None else f"{_gib(r['peak_allocated_bytes']):.2f}"
@@ -246,25 +354,37 @@ def run_all(device: str, out: str | Path, configs=None, model_dir: str | Path | 
                  f"{c['model_type']} (hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
                  f"vocab {c['vocab_size']}) from {Path(model_dir).name}")
     result = {"environment": environment(device), "model": model, "runs": []}
-    default_warmup, default_steps = (2, 5) if device == "cuda" else (0, 1)
+    default_warmup, default_steps = (2, 12) if device == "cuda" else (0, 1)
+    by_method: dict[str, list[BenchConfig]] = {}
     for method, seq, batch in configs:
-        cfg = BenchConfig(method, seq, batch, warmup if warmup is not None else default_warmup,
-                          steps if steps is not None else default_steps)
+        by_method.setdefault(method, []).append(
+            BenchConfig(method, seq, batch, warmup if warmup is not None else default_warmup,
+                        steps if steps is not None else default_steps))
+    for method, cfgs in by_method.items():
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0")) \
             if device == "cuda" else dict(os.environ, CUDA_VISIBLE_DEVICES="")
-        cmd = [sys.executable, "-m", "qlora_nb.bench", "--one", json.dumps(dataclasses.asdict(cfg)),
-               "--model-dir", str(model_dir)]
+        if method in PEERS and os.environ.get("QLORA_NB_PEERS"):
+            # peers pin their own trl/datasets: their folder replaces the project's stack in this child only
+            root = str(Path(__file__).resolve().parent.parent)
+            env["PYTHONPATH"] = os.pathsep.join([os.environ["QLORA_NB_PEERS"], root])
+        cmd = [sys.executable, "-m", "qlora_nb.bench", "--group",
+               json.dumps([dataclasses.asdict(c) for c in cfgs]), "--model-dir", str(model_dir)]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-        if proc.returncode != 0 or not line:
-            run = {**dataclasses.asdict(cfg), "error": (proc.stderr or proc.stdout)[-2000:]}
-        else:
-            run = json.loads(line[-1])
-        run["process_seconds"] = round(time.perf_counter() - t0, 1)
-        result["runs"].append(run)
-        print(f"{method} {seq}x{batch}: " + (run.get("error", "")[-300:] or
-              f"peak {run['peak_allocated_bytes']} tok/s {run['tokens_per_second']:.0f}"), flush=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+            out_lines, err = proc.stdout.splitlines(), (proc.stderr or proc.stdout)[-2000:]
+        except subprocess.TimeoutExpired as e:
+            out_lines, err = (e.stdout or b"").decode(errors="replace").splitlines(), f"timed out after {timeout} s"
+            proc = None
+        done = [json.loads(x) for x in out_lines if x.startswith("{")]
+        for cfg in cfgs[len(done):]:  # shapes the process never reached: it crashed or ran out of time
+            done.append({**dataclasses.asdict(cfg), "error": err.strip() or f"exit status {proc and proc.returncode}"})
+        seconds = round(time.perf_counter() - t0, 1)
+        for run in done:
+            run["process_seconds"] = seconds
+            result["runs"].append(run)
+            print(f"{run['method']} {run['seq']}x{run['batch']}: " + (run.get("error", "")[-300:] or
+                  f"peak {run['peak_allocated_bytes']} tok/s {run['tokens_per_second']:.0f}"), flush=True)
         (out / f"bench_{device}.json").write_text(json.dumps(result, indent=1))
         (out / f"bench_{device}.md").write_text(markdown_table(result))
     if tmp is not None:
@@ -319,12 +439,14 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="data/bench", help="folder for bench_<device>.json / .md")
     parser.add_argument("--model-dir", default=None, help="a saved model to load instead of building one")
     parser.add_argument("--configs", default=None, help="e.g. 'qlora:2048x1,lora:2048x1' (default: all)")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one BenchConfig as JSON
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per shape (default 2 on CUDA)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per shape (default 12 on CUDA)")
+    parser.add_argument("--group", default=None, help=argparse.SUPPRESS)  # child: BenchConfigs of one method, JSON
     args = parser.parse_args(argv)
-    if args.one:
+    if args.group:
         import warnings
         warnings.filterwarnings("ignore")
-        print(json.dumps(measure(args.model_dir, BenchConfig(**json.loads(args.one)))), flush=True)
+        measure_group(args.model_dir, [BenchConfig(**c) for c in json.loads(args.group)])  # prints a line per shape
         return
     configs = None
     if args.configs:
@@ -337,7 +459,7 @@ def main(argv=None) -> None:
         import torch
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA GPU here. Use --device cpu (embedded model, tiny shapes).")
-    result = run_all(args.device, args.out, configs, args.model_dir)
+    result = run_all(args.device, args.out, configs, args.model_dir, warmup=args.warmup, steps=args.steps)
     print(markdown_table(result))
 
 
