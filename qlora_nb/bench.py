@@ -191,7 +191,8 @@ def load_for_bench(model_dir: str | Path, method: str, checkpointing: bool = Tru
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, lora)
     if fast_path:
-        fast.enable_fast_path(model, offload=checkpointing and cuda, keep_weight=method == "fast_keep")
+        fast.enable_fast_path(model, checkpointing=checkpointing, offload=checkpointing and cuda,
+                              keep_weight=method == "fast_keep")
     model.train()
     return model, loaded
 

@@ -430,14 +430,17 @@ def check_fast_path(model) -> list:
     return layers
 
 
-def enable_fast_path(model, *, offload: bool | None = None, keep_weight: bool = False, dtype=torch.bfloat16):
+def enable_fast_path(model, *, checkpointing: bool | None = None, offload: bool | None = None,
+                     keep_weight: bool = False, dtype=torch.bfloat16):
     """Switch a peft (Q)LoRA model to the fast path in place; returns it. Undo with `disable_fast_path`.
 
+    checkpointing: recompute each decoder layer in backward (default: on when on CUDA, where
+    memory is the limit; off on the CPU, where time is).
     offload: keep checkpointed layer inputs in CPU memory (default: on when on CUDA).
     keep_weight: keep each layer's dequantized weights from recompute to backward (faster, more memory).
     dtype: the compute dtype frozen fp32 tensors (norms, embeddings) are cast back to.
 
-    Gradient checkpointing is switched on (our offloading kind); do not also pass
+    With checkpointing, gradient checkpointing is switched on (our offloading kind); do not also pass
     `gradient_checkpointing=True` to a Trainer, which would replace it with torch's.
     """
     from . import models
@@ -457,16 +460,20 @@ def enable_fast_path(model, *, offload: bool | None = None, keep_weight: bool = 
         _patch(m, _fast_norm_forward)
     for m in mlps:
         _patch(m, _fast_mlp_forward)
-    if offload is None:
-        offload = next(model.parameters()).is_cuda
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm.enable_input_require_grads()  # our checkpoint is reentrant-style: layer 0's input must require grad
-    func = checkpoint_function(offload)
+    cuda = next(model.parameters()).is_cuda
+    checkpointing = cuda if checkpointing is None else checkpointing
+    offload = checkpointing and (cuda if offload is None else offload)
     n = 0
-    for module in lm.modules():
-        if hasattr(module, "_gradient_checkpointing_func") and getattr(module, "gradient_checkpointing", False):
-            module._gradient_checkpointing_func = func
-            n += 1
+    if checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.enable_input_require_grads()  # our checkpoint is reentrant-style: layer 0's input must require grad
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        func = checkpoint_function(offload)
+        for module in lm.modules():
+            if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+                module._gradient_checkpointing_func = func
+                n += 1
     lm.config.use_cache = False
     model._qlora_nb_fast = {"lora_layers": len(layers), "checkpointed_layers": n, "rms_norms": len(norms),
                             "swiglu_mlps": len(mlps), "offload": offload, "keep_weight": keep_weight}

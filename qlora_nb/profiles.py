@@ -22,6 +22,7 @@ _OVERRIDES: dict[str, dict[str, dict]] = {
                       "batch_size": 8, "train_limit": None, "eval_limit": 48, "n_test": 48},
         "07_merge_and_ship": {"n_prompts": 32, "fallback_steps": 60, "orders_steps": 30, "train_batch_size": 8,
                               "speed_new_tokens": 64, "speed_repeats": 5},
+        "09_fast_qlora": {"check_steps": 20},
     },
     "gpu": {
         "01_low_rank": {"delta_steps": 20},
@@ -34,6 +35,7 @@ _OVERRIDES: dict[str, dict[str, dict]] = {
                       "train_limit": None, "eval_limit": 48, "n_test": 48},
         "07_merge_and_ship": {"n_prompts": 32, "fallback_steps": 60, "orders_steps": 30, "train_batch_size": 8,
                               "speed_new_tokens": 64, "speed_repeats": 5},
+        "09_fast_qlora": {"check_steps": 20, "check_batch": 4, "check_seq": 512},
         # its training runs on CPU processes (gloo) in every profile; the 2-GPU runs are benchmarks/multigpu_bench.sh
         "10_multi_gpu": {"base_model": "embedded"},
     },

@@ -59,6 +59,7 @@ class FinetuneConfig:
     pad_to_max_length: bool = False    # pad every batch to max_seq_length (GPU benchmark: fixed-size steps)
     optim: str = "auto"                # "auto": paged_adamw_8bit on CUDA, adamw_torch on CPU
     gradient_checkpointing: bool | None = None  # None: on for CUDA (memory), off on CPU (speed)
+    fast_path: bool = False            # qlora_nb.fast (notebook 09): same math, faster and leaner; needs dropout 0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -131,6 +132,9 @@ def check_config(config: FinetuneConfig) -> None:
             raise ValueError(f"{name}={value!r}: it must be a positive number. Set {name} to at least 1.")
     if not 0 <= config.dropout < 1:
         raise ValueError(f"dropout={config.dropout!r}: LoRA dropout is a probability. Use a value in [0, 1), e.g. 0.05.")
+    if config.fast_path and config.dropout > 0:
+        raise ValueError(f"fast_path=True with dropout={config.dropout}: the fast path has no LoRA dropout. "
+                         "Set dropout=0.0, or fast_path=False for the plain peft path.")
     if not 0 < config.learning_rate < 1:
         raise ValueError(f"learning_rate={config.learning_rate!r}: use a small positive value such as 2e-4.")
     if isinstance(config.target_modules, str) or not config.target_modules:
@@ -229,6 +233,9 @@ def load_for_training(config: FinetuneConfig):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config(config))
+    if config.fast_path:
+        from . import fast
+        fast.enable_fast_path(model, checkpointing=checkpointing)  # its own (offloaded) checkpointing
     return model, tokenizer
 
 
@@ -335,7 +342,7 @@ def sft_config(config: FinetuneConfig, progress: bool = True):
         pad_to_multiple_of=config.max_seq_length if config.pad_to_max_length else None,
         completion_only_loss=True,
         packing=False,
-        gradient_checkpointing=checkpointing,
+        gradient_checkpointing=checkpointing and not config.fast_path,  # the fast path checkpoints its own way
         gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=cuda,  # on the CPU the 4-bit layers already compute in bf16; autocast there only slows the fp32 rest
         use_cpu=not cuda,

@@ -108,7 +108,8 @@ def test_lora_linear_equals_peft_layer_on_nf4(device, keep_weight):
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_model_loss_and_gradients_equal_plain(device):
     plain = _peft(_tiny_4bit(torch.float32, device))
-    quick = fast.enable_fast_path(_peft(_tiny_4bit(torch.float32, device)), dtype=torch.float32)
+    quick = fast.enable_fast_path(_peft(_tiny_4bit(torch.float32, device)), checkpointing=True, dtype=torch.float32)
+    assert quick._qlora_nb_fast["checkpointed_layers"] == plain.config.num_hidden_layers
     n_layers = plain.config.num_hidden_layers
     assert quick._qlora_nb_fast["lora_layers"] == 7 * n_layers and quick._qlora_nb_fast["swiglu_mlps"] == n_layers
     assert quick._qlora_nb_fast["rms_norms"] == 2 * n_layers + 1
@@ -147,7 +148,7 @@ def test_twenty_steps_follow_the_plain_path_within_one_percent(device):
     vocab = plain_model().config.vocab_size
     batches = [_batch(vocab, device, seed=s % 2) for s in range(20)]  # two batches, seen ten times: loss must fall
     plain = _train(plain_model(), lambda m, i, l: m(input_ids=i, labels=l).loss, batches, lr=3e-3)
-    quick = _train(fast.enable_fast_path(plain_model()), fast.causal_lm_loss, batches, lr=3e-3)
+    quick = _train(fast.enable_fast_path(plain_model(), checkpointing=True), fast.causal_lm_loss, batches, lr=3e-3)
     assert plain[-1] < plain[0] - 0.25  # it learns (nats), so the comparison means something
     rel = [abs(a - b) / a for a, b in zip(quick, plain)]
     print("max relative loss difference over 20 steps:", max(rel))
@@ -243,3 +244,13 @@ def test_rms_norm_and_swiglu_equal_the_library(device, dtype):
     torch.testing.assert_close(ours, ref, **tol)
     for a, b in zip(og, rg):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_loss_match_trains_both_paths_on_the_same_batches():
+    from qlora_nb import fast_check
+
+    match = fast_check.loss_match("tiny-mistral", steps=3, batch=2, seq=32)
+    assert len(match["plain"]) == len(match["plain_bf16"]) == len(match["fast"]) == 3
+    assert match["max_relative_difference"] < 0.01
+    assert match["max_relative_difference"] == max(abs(a - b) / a for a, b in zip(match["plain_bf16"], match["fast"]))
+    assert match["max_relative_difference_vs_fp32"] == max(abs(a - b) / a for a, b in zip(match["plain"], match["fast"]))

@@ -167,3 +167,33 @@ def test_empty_data_file_says_which_split(tmp_path, monkeypatch, no_loading):
     monkeypatch.setenv("QLORA_NB_DATA", str(tmp_path / "data"))
     with pytest.raises(data.DataError, match="train split is empty"):
         train.finetune(tiny_config(tmp_path))
+
+
+def test_fast_path_switch_trains_like_the_plain_path_and_saves_a_plain_adapter(tmp_path):
+    """05's `fast_path` switch: same loss as the plain path step for step (dropout 0), an adapter plain peft loads."""
+    from peft import PeftModel
+
+    results = {}
+    for fast_path in (False, True):
+        config = tiny_config(tmp_path / str(fast_path), dropout=0.0, fast_path=fast_path, max_steps=3)
+        results[fast_path] = train.finetune(config, progress=False, train_rows=TRAIN, eval_rows=EVAL)
+    plain, quick = ([loss for _, loss in results[k].loss_history["train"]] for k in (False, True))
+    assert len(plain) == len(quick) == 3
+    assert max(abs(a - b) / a for a, b in zip(plain, quick)) < 0.01
+    assert getattr(results[True].model, "_qlora_nb_fast", None)  # it really ran on the fast path
+    base, tokenizer = models.load_base("tiny-mistral")
+    loaded = PeftModel.from_pretrained(base, results[True].adapter_dir).eval()
+    ids = tokenizer("a printer on floor 3 is jammed", return_tensors="pt").input_ids
+    results[True].model.eval()
+    with torch.no_grad():
+        trained = results[True].model(input_ids=ids).logits.float()
+        off_by = (loaded(input_ids=ids).logits.float() - trained).abs().max()
+        with loaded.disable_adapter():
+            adapter_effect = (loaded(input_ids=ids).logits.float() - trained).abs().max()
+    print(f"max |logit difference|: loaded vs trained {off_by:.4f}, base vs trained {adapter_effect:.4f}")
+    assert off_by < 0.02 and off_by < adapter_effect / 5  # bf16 rounding only, far below what the adapter changes
+
+
+def test_fast_path_with_dropout_is_refused_before_loading(tmp_path, no_loading):
+    with pytest.raises(ValueError, match="dropout=0.0"):
+        train.check_config(tiny_config(tmp_path, fast_path=True, dropout=0.05))
