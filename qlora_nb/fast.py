@@ -4,22 +4,25 @@
 adapter saves, merges and loads exactly as before:
 
 * bf16 throughout. `prepare_model_for_kbit_training` casts norms and embeddings to fp32;
-  the residual stream then turns fp32 and sdpa falls back to its fp32 math kernel (the
-  biggest single cost of the plain path on a GPU). Here frozen fp32 weights go back to the
-  compute dtype.
+  the residual stream then turns fp32, sdpa falls back to its fp32 math kernel and lm_head
+  and the elementwise work run in fp32 (data/bench/fast/profile_step_2048x1.json). Here
+  frozen fp32 weights go back to the compute dtype.
 * `lora_linear`: the 4-bit base matmul and the LoRA branch in one autograd Function,
   y = x W^T + s (x A^T) B^T. Backward reuses x A^T (saved, B*T*r) and dequantizes W only
   to form the input gradient; no dropout, no defensive clone, no fp32 copy of x.
 * offloaded checkpoints: each decoder layer keeps only its input, copied to pinned CPU
   memory on a side stream, fetched back one layer ahead in backward, and recomputes the rest.
 * `rms_norm`, `swiglu`: the library's math with backwards that recompute instead of
-  keeping fp32 copies (RMSNorm) or silu(gate) (SwiGLU).
+  keeping fp32 copies (RMSNorm) or silu(gate) (SwiGLU), each fused into single kernels by
+  torch.compile on CUDA (eager elsewhere, in row chunks so fp32 temporaries stay small).
 * `linear_cross_entropy`: lm_head + cross-entropy in row chunks with the gradient formed in
   the forward pass, so the (tokens x vocab) logits never exist whole.
 
 Leaves out: LoRA dropout > 0, DoRA and other LoRA variants, several active adapters, an
 adapter on lm_head, logit soft-capping (each refused with a message: use the plain path);
-multi-GPU; hand-written kernels (every op is a torch or bitsandbytes call).
+multi-GPU; hand-written kernels (every op is a torch, torch.compile or bitsandbytes call).
+Numerics: like peft in bf16, not like the fp32 residual stream of the plain path, whose
+first LoRA updates survive where bf16 rounds them (see fast_check.py, notebook 09).
 
 >>> import torch
 >>> h, w = torch.randn(6, 4), torch.randn(10, 4)
