@@ -262,7 +262,8 @@ def _prepare_output_dir(config: FinetuneConfig) -> str | None:
         last = None
     if last and saved.exists():
         before = json.loads(saved.read_text())
-        changed = sorted(k for k in identity if before.get(k) != identity[k])
+        defaults = FinetuneConfig().to_dict()  # a field added since that run was saved counts as its default
+        changed = sorted(k for k in identity if before.get(k, defaults.get(k)) != identity[k])
         if changed:
             raise ValueError(f"{out} holds checkpoints of a run with different {changed}; resuming would mix two "
                              "runs. Use another output_dir, or resume=False to start over in this one.")

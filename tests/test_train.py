@@ -197,3 +197,13 @@ def test_fast_path_switch_trains_like_the_plain_path_and_saves_a_plain_adapter(t
 def test_fast_path_with_dropout_is_refused_before_loading(tmp_path, no_loading):
     with pytest.raises(ValueError, match="dropout=0.0"):
         train.check_config(tiny_config(tmp_path, fast_path=True, dropout=0.05))
+
+
+def test_a_run_saved_before_a_new_config_field_still_resumes(tmp_path):
+    train.finetune(tiny_config(tmp_path, max_steps=1), progress=False, train_rows=TRAIN, eval_rows=EVAL)
+    saved = tmp_path / "run" / train.CONFIG_FILE
+    identity = json.loads(saved.read_text())
+    del identity["fast_path"]  # as written by a version without the field
+    saved.write_text(json.dumps(identity))
+    again = train.finetune(tiny_config(tmp_path, max_steps=2), progress=False, train_rows=TRAIN, eval_rows=EVAL)
+    assert again.resumed_from is not None and again.steps_run == 1
