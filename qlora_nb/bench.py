@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .memory import ALL_PROJECTIONS
+
 SHAPES = [(512, 4), (2048, 1), (2048, 4), (8192, 1)]
 GPU_CONFIGS = [(m, s, b) for m in ("qlora", "lora", "fast", "unsloth", "liger") for s, b in SHAPES]
 CPU_CONFIGS = [("qlora", 16, 2), ("lora", 16, 2)]
@@ -140,8 +142,7 @@ def _load_unsloth(model_dir, seq: int, rank: int, checkpointing: bool):
                                                  load_in_4bit=True)
     model = FastLanguageModel.get_peft_model(
         model, r=rank, lora_alpha=ALPHA, lora_dropout=0, bias="none", random_state=0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        use_gradient_checkpointing="unsloth" if checkpointing else False)
+        target_modules=list(ALL_PROJECTIONS), use_gradient_checkpointing="unsloth" if checkpointing else False)
     return model
 
 
@@ -187,8 +188,7 @@ def load_for_bench(model_dir: str | Path, method: str, checkpointing: bool = Tru
     model.config.use_cache = False
     fast_path = method.startswith("fast")
     lora = LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0 if fast_path else DROPOUT, bias="none",
-                      task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                      task_type="CAUSAL_LM", target_modules=list(ALL_PROJECTIONS))
     model = get_peft_model(model, lora)
     if fast_path:
         fast.enable_fast_path(model, checkpointing=checkpointing, offload=checkpointing and cuda,
@@ -395,23 +395,10 @@ def run_all(device: str, out: str | Path, configs=None, model_dir: str | Path | 
 
 def load_step_costs(path=None) -> dict:
     """The op-by-op H100 timings of benchmarks/step_costs.py (data/bench/step_costs_2048.json)."""
-    from .paths import data_dir
+    from .paths import recorded_json
 
-    path = Path(path) if path else data_dir() / "bench" / "step_costs_2048.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `python benchmarks/step_costs.py --out {path}` on a GPU, "
-                                "or restore data/bench/ from git")
-    return json.loads(path.read_text())
-
-
-def _load_recorded(path, name: str, script: str) -> dict:
-    from .paths import data_dir
-
-    path = Path(path) if path else data_dir() / "bench" / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `python {script} --out {path}` on a CUDA GPU, "
-                                "or restore data/bench/ from git")
-    return json.loads(path.read_text())
+    return recorded_json("bench/step_costs_2048.json",
+                         "python benchmarks/step_costs.py --out data/bench/step_costs_2048.json", path)
 
 
 def load_finetune_smoke(path=None) -> dict:
@@ -421,7 +408,10 @@ def load_finetune_smoke(path=None) -> dict:
     "peak_gpu_memory_gib", "median_step_seconds", "tokens_per_second", ...}]} from
     data/bench/finetune_smoke_cuda.json (benchmarks/gpu_finetune_smoke.py).
     """
-    return _load_recorded(path, "finetune_smoke_cuda.json", "benchmarks/gpu_finetune_smoke.py")
+    from .paths import recorded_json
+
+    return recorded_json("bench/finetune_smoke_cuda.json",
+                         "python benchmarks/gpu_finetune_smoke.py --out data/bench/finetune_smoke_cuda.json", path)
 
 
 def load_gpu_latency(path=None) -> dict:
@@ -431,7 +421,10 @@ def load_gpu_latency(path=None) -> dict:
     "weights_gib", "peak_gpu_memory_gib", ...}], "logit_checks"} from data/bench/latency_cuda.json
     (benchmarks/gpu_latency.py).
     """
-    return _load_recorded(path, "latency_cuda.json", "benchmarks/gpu_latency.py")
+    from .paths import recorded_json
+
+    return recorded_json("bench/latency_cuda.json", "python benchmarks/gpu_latency.py --out data/bench/latency_cuda.json",
+                         path)
 
 
 def main(argv=None) -> None:

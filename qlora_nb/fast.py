@@ -164,7 +164,7 @@ def _by_rows(fn, *tensors, budget: int = 1 << 26):
     """fn over row chunks of (..., D) tensors so eager fp32 temporaries stay near `budget` bytes; outputs concatenated."""
     flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
     rows = max(1, budget // (4 * flat[0].shape[-1]))
-    if flat[0].is_cuda and not _swiglu_bwd_f.state["failed"] or flat[0].shape[0] <= rows:
+    if flat[0].is_cuda and not fn.state["failed"] or flat[0].shape[0] <= rows:
         outs = fn(*flat)
     else:
         parts = [fn(*(t[s:s + rows] for t in flat)) for s in range(0, flat[0].shape[0], rows)]
@@ -403,6 +403,17 @@ def causal_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_b
 
 
 # ---------------------------------------------------------------- the one call
+def cast_frozen_fp32(model, dtype=torch.bfloat16) -> int:
+    """Cast every frozen fp32 tensor of `model` to `dtype` in place (undoes prepare_model_for_kbit_training's upcast
+    of norms and embeddings); trainable LoRA weights stay fp32. Returns how many tensors it cast."""
+    n = 0
+    for p in causal_lm(model).parameters():
+        if not p.requires_grad and p.dtype == torch.float32:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
 def _lora_layers(model):
     from peft.tuners.lora import LoraLayer
 
@@ -451,9 +462,7 @@ def enable_fast_path(model, *, checkpointing: bool | None = None, offload: bool 
     layers = check_fast_path(model)
     models.plain_4bit_kernels(model)
     lm = causal_lm(model)
-    for p in lm.parameters():  # undo prepare_model_for_kbit_training's upcast of frozen weights
-        if not p.requires_grad and p.dtype == torch.float32:
-            p.data = p.data.to(dtype)
+    cast_frozen_fp32(model, dtype)
     for _, m in layers:
         m._qlora_nb_keep_weight = keep_weight
         _patch(m, _fast_lora_forward)

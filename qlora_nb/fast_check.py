@@ -32,7 +32,8 @@ def triage_batches(tokenizer, steps: int, batch: int, seq: int, split: str = "tr
     return [(enc.input_ids[i * batch:(i + 1) * batch], labels[i * batch:(i + 1) * batch]) for i in range(steps)]
 
 
-def _train(model, loss_fn, batches, lr: float) -> tuple[list[float], float]:
+def adamw_losses(model, loss_fn, batches, lr: float) -> tuple[list[float], float]:
+    """(loss of each step, seconds): one AdamW step per (input_ids, labels) batch, loss = loss_fn(model, ids, labels)."""
     import torch
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -60,26 +61,25 @@ def loss_match(base_model: str = "embedded", steps: int = 8, batch: int = 4, seq
 
     from . import fast, models, train
 
+    batches = triage_batches(models.load_tokenizer(base_model), steps, batch, seq)
     out = {}
     for name in ("plain", "plain_bf16", "fast"):
-        model, tokenizer = models.load_base(base_model)
+        model, _ = models.load_base(base_model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         torch.manual_seed(seed)
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
                                                  target_modules=list(train.ALL_PROJECTIONS), task_type="CAUSAL_LM"))
         model.train()
-        batches = triage_batches(tokenizer, steps, batch, seq)
         if name == "fast":
             fast.enable_fast_path(model)
-            losses, seconds = _train(model, fast.causal_lm_loss, batches, lr)
+            losses, seconds = adamw_losses(model, fast.causal_lm_loss, batches, lr)
         else:
-            if name == "plain_bf16":  # undo the fp32 upcast of frozen tensors, as the fast path does
-                for p in fast.causal_lm(model).parameters():
-                    if not p.requires_grad and p.dtype == torch.float32:
-                        p.data = p.data.to(torch.bfloat16)
-            losses, seconds = _train(model, lambda m, i, l: m(input_ids=i, labels=l).loss, batches, lr)
+            if name == "plain_bf16":  # the same tensors in bf16 that the fast path computes with
+                fast.cast_frozen_fp32(model)
+            losses, seconds = adamw_losses(model, lambda m, i, l: m(input_ids=i, labels=l).loss, batches, lr)
         out[name], out[f"{name}_seconds"] = losses, seconds
         del model
+
     def worst(a, b):
         return max(abs(x - y) / abs(x) for x, y in zip(out[a], out[b]))
 

@@ -15,10 +15,7 @@ Files (each written by one device run; see data/bench/fast/README.md):
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from .paths import data_dir
+from .paths import recorded_json
 
 RUNS = {"final": "bench_fast_cuda.json", "first": "bench_fast_first_cuda.json",
         "eager": "bench_fast_eager_cuda.json"}
@@ -27,22 +24,14 @@ H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM5 datasheet: bf16 tensor-core p
 GIB = 2**30
 
 
-def fast_dir() -> Path:
-    return data_dir() / "bench" / "fast"
-
-
 def load_run(name: str = "final") -> dict:
     """One recorded benchmark run ({'environment', 'model', 'runs'}) by name: final, first or eager."""
-    path = fast_dir() / RUNS[name]
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run benchmarks/fast_bench.sh on a GPU (see data/bench/fast/README.md)"
-                                " or restore data/bench/ from git")
-    return json.loads(path.read_text())
+    return recorded_json(f"bench/fast/{RUNS[name]}", "bash benchmarks/fast_bench.sh (see data/bench/fast/README.md)")
 
 
 def load_profile() -> dict:
     """The per-category GPU kernel time of one step (benchmarks/profile_step.py), plain and fast."""
-    return json.loads((fast_dir() / "profile_step_2048x1.json").read_text())
+    return recorded_json("bench/fast/profile_step_2048x1.json", 'PROFILE="fast qlora" bash benchmarks/fast_bench.sh')
 
 
 def run_of(result: dict, method: str, shape: str) -> dict | None:

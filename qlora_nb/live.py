@@ -29,8 +29,7 @@ import time
 
 from transformers import TrainerCallback
 
-# log key -> history split; the same keys train.loss_history_of reads from log_history
-_KEYS = (("loss", "train"), ("eval_loss", "validation"))
+from .train import LOSS_KEYS
 
 
 class LiveLoss(TrainerCallback):
@@ -54,7 +53,7 @@ class LiveLoss(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         new = False
-        for key, split in _KEYS:
+        for key, split in LOSS_KEYS:
             if logs and key in logs:
                 self.history[split].append((state.global_step, logs[key]))
                 new = True

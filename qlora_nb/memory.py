@@ -475,13 +475,9 @@ def measured_breakdown(run: dict) -> dict[str, float]:
 
 def load_bench(path=None) -> dict:
     """The committed GPU benchmark (data/bench/bench_cuda.json) as a dict."""
-    from .paths import data_dir
+    from .paths import recorded_json
 
-    path = Path(path) if path else data_dir() / "bench" / "bench_cuda.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `python -m qlora_nb.bench --device cuda --out "
-                                f"{path.parent}` on a GPU, or restore data/bench/ from git")
-    return json.loads(path.read_text())
+    return recorded_json("bench/bench_cuda.json", "python -m qlora_nb.bench --device cuda --out data/bench", path)
 
 
 def plan_dict(p: MemoryPlan) -> dict:

@@ -33,6 +33,19 @@ def data_dir() -> Path:
     return root / "data" if root else cache_dir() / "data"
 
 
+def recorded_json(relative: str, command: str, path=None) -> dict:
+    """A recorded result file under data/ (`relative`, e.g. 'bench/bench_cuda.json'; or `path`) as a dict.
+
+    A missing file raises FileNotFoundError naming `command`, the command that writes it.
+    """
+    import json
+
+    path = Path(path) if path else data_dir() / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `{command}` on a CUDA GPU, or restore data/ from git")
+    return json.loads(path.read_text())
+
+
 def runs_dir(name: str = "") -> Path:
     """Outputs of notebook runs (adapters, checkpoints, sweep caches): `$QLORA_NB_RUNS` or `<repo>/runs`.
 

@@ -359,11 +359,13 @@ def sft_config(config: FinetuneConfig, progress: bool = True):
     )
 
 
+# Trainer log key -> loss history split (also read live, entry by entry, by live.LiveLoss)
+LOSS_KEYS = (("loss", "train"), ("eval_loss", "validation"))
+
+
 def loss_history_of(log_history: list[dict]) -> dict:
     """Trainer log_history -> {"train": [(step, loss)], "validation": [(step, loss)]}."""
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    val = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
-    return {"train": train, "validation": val}
+    return {split: [(h["step"], h[key]) for h in log_history if key in h] for key, split in LOSS_KEYS}
 
 
 def finetune(config: FinetuneConfig, progress: bool = True, *, model=None, tokenizer=None,

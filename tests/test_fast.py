@@ -126,15 +126,9 @@ def test_fast_model_loss_and_gradients_equal_plain(device):
 
 
 def _train(model, loss_fn, batches, lr=2e-3):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for ids, labels in batches:
-        loss = loss_fn(model, ids, labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    from qlora_nb.fast_check import adamw_losses
+
+    return adamw_losses(model, loss_fn, batches, lr)[0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
