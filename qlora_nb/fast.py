@@ -498,7 +498,8 @@ def disable_fast_path(model):
         if "forward" in m.__dict__ and hasattr(m, "_qlora_nb_plain_forward"):
             del m.forward
     lm = causal_lm(model)
-    if getattr(model, "_qlora_nb_fast", None):
+    if (getattr(model, "_qlora_nb_fast", None) or {}).get("checkpointed_layers"):
+        # our offloading checkpoint goes; torch's takes its place (a model without checkpointing stays without)
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model._qlora_nb_fast = None
+    model._qlora_nb_fast = None
     return model

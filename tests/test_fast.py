@@ -173,6 +173,7 @@ def test_disable_gives_peft_back_and_merge_matches():
     fast.disable_fast_path(quick)
     layer = quick.base_model.model.model.layers[0].self_attn.q_proj
     assert "forward" not in layer.__dict__
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in quick.modules())  # it had none, and has none
     with torch.no_grad():
         plain = quick(input_ids=ids).logits
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
