@@ -49,11 +49,10 @@ def shape_config(name: str, vocab: int | None = None):
 def bnb_config(quant_storage: str = "uint8"):
     """NF4 + double quantization + bf16 compute (models.nf4_config), with the given storage dtype."""
     import torch
-    from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16,
-                              bnb_4bit_quant_storage=getattr(torch, quant_storage))
+    from qlora_nb.models import nf4_config
+
+    return nf4_config(quant_storage=getattr(torch, quant_storage))
 
 
 def random_tensor(name: str, shape, std: float, seed: int, device: str = "cpu", dtype=None):

@@ -288,11 +288,6 @@ def measure_group(model_dir: str | Path, cfgs: list[BenchConfig]) -> list[dict]:
     return runs
 
 
-def measure(model_dir: str | Path, cfg: BenchConfig) -> dict:
-    """Load, train `cfg.warmup + cfg.steps` steps on random tokens, return the measurements (bytes, seconds)."""
-    return measure_group(model_dir, [cfg])[0]
-
-
 def environment(device: str) -> dict:
     """Date (UTC), device name, library versions: what a result table must say."""
     import torch

@@ -225,18 +225,15 @@ def load_for_rank(config, strategy: str = "ddp", device: str = "cpu", local_rank
     if strategy == "ddp" and device == "cpu":
         return train.load_for_training(config)
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     train.check_config(config)
     torch.manual_seed(config.seed)  # LoRA's A matrices are random: the same seed on every rank
     path = models.resolve_base_model(config.base_model)
-    nf4 = models.nf4_config(double_quant=True)
     kwargs = {"dtype": torch.bfloat16}
     checkpointing = device == "cuda" if config.gradient_checkpointing is None else config.gradient_checkpointing
     if strategy == "fsdp":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=nf4.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=nf4.bnb_4bit_compute_dtype, bnb_4bit_quant_storage=torch.bfloat16)
+        kwargs["quantization_config"] = models.nf4_config(quant_storage=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if device == "cpu":  # as load_base: no CPU repacking (it would turn the bf16-typed storage into uint8)
             models.plain_4bit_kernels(model)
@@ -244,7 +241,7 @@ def load_for_rank(config, strategy: str = "ddp", device: str = "cpu", local_rank
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
     else:
-        kwargs["quantization_config"] = nf4
+        kwargs["quantization_config"] = models.nf4_config()
         kwargs["device_map"] = {"": local_rank}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,

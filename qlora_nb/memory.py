@@ -644,20 +644,17 @@ def fits_per_gpu(gp: GpuPlan, gpu_gib: float, margin: float = 0.1, max_gpus: int
     if peak <= room:
         return FitAnswer(True, peak, room, [])
     b = gp.base
-    kw = dict(quant=b.quant, rank=b.rank, targets=b.targets, optimizer=b.optimizer, batch=b.batch, seq=b.seq,
-              checkpointing=b.checkpointing, dropout=b.dropout)
-    if gp.strategy == "ddp":
-        kw["upcast"] = b.upcast
+    fsdp_kw = dict(quant=b.quant, rank=b.rank, targets=b.targets, optimizer=b.optimizer, batch=b.batch, seq=b.seq,
+                   checkpointing=b.checkpointing, dropout=b.dropout)
+    ddp_kw = {**fsdp_kw, "upcast": b.upcast}  # DDP keeps the plan's upcast; FSDP plans its own recipe's (bf16)
     advice = []
 
     def tryit(label: str, gpus: int, strategy: str, **change):
-        # DDP keeps the plan's upcast; FSDP plans its own recipe's (bf16 activations)
-        base_kw = {k: v for k, v in kw.items() if strategy == "ddp" or k != "upcast"}
-        q = plan_per_gpu(b.model, gpus=gpus, strategy=strategy, **{**base_kw, **change})
+        kw = ddp_kw if strategy == "ddp" else fsdp_kw
+        q = plan_per_gpu(b.model, gpus=gpus, strategy=strategy, **{**kw, **change})
         gib = q.peak / GIB
         advice.append((gib > room, gib, f"{label}: peak {gib:.1f} GiB per GPU" + ("" if gib > room else " (fits)")))
 
-    fsdp_kw = {k: v for k, v in kw.items() if k != "upcast"}
     if gp.strategy == "ddp":
         tryit(f"fully shard (strategy 'fsdp') on the same {gp.gpus} GPUs", gp.gpus, "fsdp")
     need = min_gpus(b.model, gpu_gib, "fsdp", margin=margin, max_gpus=max_gpus, **fsdp_kw)

@@ -255,14 +255,19 @@ def resolve_base_model(name: str = "auto") -> str:
     return name
 
 
-def nf4_config(double_quant: bool = True, compute_dtype=None):
-    """The QLoRA paper's BitsAndBytesConfig: NF4 weights, optional double quantization, bf16 compute."""
+def nf4_config(double_quant: bool = True, compute_dtype=None, quant_storage=None):
+    """The QLoRA paper's BitsAndBytesConfig: NF4 weights, optional double quantization, bf16 compute.
+
+    quant_storage: the dtype the packed 4-bit bytes are stored as (default uint8); FSDP-QLoRA
+    stores them as torch.bfloat16 so a layer's parameters share one dtype and flatten together.
+    """
     import torch
     from transformers import BitsAndBytesConfig
 
+    extra = {} if quant_storage is None else {"bnb_4bit_quant_storage": quant_storage}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16)
+                              bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16, **extra)
 
 
 def plain_4bit_kernels(model) -> int:

@@ -233,13 +233,12 @@ def test_planner_bad_input():
 
 def test_fsdp_flat_bytes_are_what_bitsandbytes_stores_as_bf16():
     """One decoder layer loaded with bnb_4bit_quant_storage=bfloat16: its parameters are the flat bytes."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from qlora_nb import models
 
     path = models.resolve_base_model("tiny-mistral")
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    cfg = models.nf4_config(quant_storage=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.bfloat16)
     layer = model.model.layers[0]
     params = list(layer.parameters())
