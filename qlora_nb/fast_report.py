@@ -125,7 +125,7 @@ def plot_profile(ax, profile: dict):
 
     cats = sorted({c for run in profile["runs"] for phase in run["ms"].values() for c in phase})
     bottoms = [0.0] * len(profile["runs"])
-    names = [run["method"] for run in profile["runs"]]
+    names = [{"qlora": "plain path", "fast": "fast path"}.get(run["method"], run["method"]) for run in profile["runs"]]
     for i, cat in enumerate(cats):
         vals = [sum(phase.get(cat, 0.0) for phase in run["ms"].values()) for run in profile["runs"]]
         ax.bar(names, vals, bottom=bottoms, label=cat, color=f"C{i}")
