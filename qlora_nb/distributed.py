@@ -179,24 +179,28 @@ def planner_optimizer(optim: str) -> str:
 
 
 def gpu_plan(base_model: str, gpus: int, strategy: str, batch_per_gpu: int, seq: int, rank: int, optimizer: str,
-             checkpointing: bool):
-    """memory.plan_per_gpu for this run (base_model: a name in memory.MODELS, or anything models.resolve_base_model takes)."""
+             checkpointing: bool, dropout: float = 0.05):
+    """memory.plan_per_gpu for this run (base_model: a name in memory.MODELS, or anything models.resolve_base_model takes).
+
+    The Trainer runs with bf16=True on CUDA, so the plan counts bf16 autocast.
+    """
     from . import memory, models
 
     shape = base_model if base_model in memory.MODELS else memory.model_shape(models.resolve_base_model(base_model))
     return memory.plan_per_gpu(shape, gpus=gpus, strategy=strategy, rank=rank, batch=batch_per_gpu, seq=seq,
-                               optimizer=planner_optimizer(optimizer), checkpointing=checkpointing)
+                               optimizer=planner_optimizer(optimizer), checkpointing=checkpointing, dropout=dropout,
+                               autocast=True)
 
 
 def check_fit(base_model: str, gpus: int, strategy: str, batch_per_gpu: int, seq: int, rank: int, optimizer: str,
-              checkpointing: bool, gpu_gib: float):
+              checkpointing: bool, gpu_gib: float, dropout: float = 0.05):
     """Raise DistributedSetupError with the planner's numbers when the run does not fit GPUs of gpu_gib GiB.
 
     Returns the memory.GpuPlan when it fits. Runs on any machine (the planner reads shapes only).
     """
     from . import memory
 
-    gp = gpu_plan(base_model, gpus, strategy, batch_per_gpu, seq, rank, optimizer, checkpointing)
+    gp = gpu_plan(base_model, gpus, strategy, batch_per_gpu, seq, rank, optimizer, checkpointing, dropout)
     answer = memory.fits_per_gpu(gp, gpu_gib)
     if not answer.fits:
         raise DistributedSetupError(
@@ -313,6 +317,24 @@ def _recording_trainer_class():
     return RecordingTrainer
 
 
+def _peak_split_callback(device: str):
+    """A callback that, when training begins (after the Trainer has wrapped the model in DDP/FSDP),
+    keeps the CUDA peak so far (loading + wrapping) in `.before` and restarts the count, so the
+    peak the rank record reports afterwards is the training steps' own."""
+    from transformers import TrainerCallback
+
+    class PeakSplit(TrainerCallback):
+        before = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if device == "cuda":
+                import torch
+                self.before = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+
+    return PeakSplit()
+
+
 def _progress_callback(max_steps: int):
     from transformers import TrainerCallback
 
@@ -360,6 +382,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="check the planner against GPUs of this many GiB (default on CUDA: the GPU or its cap; "
                         "on the CPU: no check)")
     p.add_argument("--save-adapter", action="store_true", help="also save each rank's LoRA tensors (safetensors)")
+    p.add_argument("--gather-adapter", action="store_true",
+                   help="fsdp: gather the full state dict on rank 0 to hash the trained LoRA (slow for big models)")
     p.add_argument("--ddp-timeout", type=int, default=600, help="seconds a rank waits for the others before failing")
     return p.parse_args(argv)
 
@@ -381,6 +405,9 @@ def run(args) -> dict:
     """Check, load, train, write `<out>/rank<r>.json`; returns this rank's record."""
     for k, v in NVLS_OFF.items():
         os.environ.setdefault(k, v)
+    # FSDP loads every rank's whole 4-bit model, then frees all but its shard: without expandable
+    # segments those freed blocks stay reserved and fragmented (a 70B run hit its cap at 23 GiB in use)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     me = world()
     device = resolve_device(args.device)
     strategy = args.strategy
@@ -404,9 +431,9 @@ def run(args) -> dict:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), me["local_rank"])
     how = (me["world_size"], strategy, per_rank, args.max_seq_length, args.rank, optim, checkpointing)
     if args.fit_gpu_gib or (device == "cuda" and not args.no_fit_check):
-        predicted = check_fit(args.base_model, *how, args.fit_gpu_gib or cap / 2**30)
+        predicted = check_fit(args.base_model, *how, args.fit_gpu_gib or cap / 2**30, dropout=args.dropout)
     elif device == "cuda":
-        predicted = gpu_plan(args.base_model, *how)
+        predicted = gpu_plan(args.base_model, *how, dropout=args.dropout)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"rank": me["rank"], "world_size": me["world_size"], "local_rank": me["local_rank"],
@@ -424,6 +451,8 @@ def run(args) -> dict:
     if predicted is not None:
         from .memory import gpu_plan_dict
         record["planner"] = gpu_plan_dict(predicted)
+        # the shape itself, so a later planner can be held to this run again (replan)
+        record["shape"] = dataclasses.asdict(predicted.base.model)
     (out / f"rank{me['rank']}.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -451,12 +480,11 @@ def _train(args, config, strategy, device, me, optim, out) -> dict:
                               average_tokens_across_devices=True, use_cpu=device == "cpu",
                               bf16=device == "cuda", disable_tqdm=True)
     clock = train._step_clock()  # wall time of each optimizer step (CUDA synchronized)
+    peaks = _peak_split_callback(device)
     trainer = _recording_trainer_class()(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer,
-                                         callbacks=[_progress_callback(config.max_steps), clock])
+                                         callbacks=[_progress_callback(config.max_steps), clock, peaks])
     say(f"[rank {me['rank']}] {strategy} on {device}, {me['world_size']} process(es), "
         f"{config.batch_size} sequence(s) per micro-step; model loaded in {load_seconds:.1f} s")
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -470,6 +498,7 @@ def _train(args, config, strategy, device, me, optim, out) -> dict:
               "tokens_per_second": seq_tokens / seconds if seconds > 0 else None,
               # this rank's tokens per second at the median step (the first steps include warm-up)
               "tokens_per_second_median_step": (seq_tokens / len(steps) / median) if median else None,
+              "peak_gpu_memory_before_training_bytes": peaks.before,
               "answer_tokens": local_tokens, "trainable_params": sum(p.numel() for p in model.parameters()
                                                                      if p.requires_grad)}
     if strategy == "ddp":
@@ -478,8 +507,9 @@ def _train(args, config, strategy, device, me, optim, out) -> dict:
             from safetensors.torch import save_file
             save_file(adapter_tensors(trainer.model), str(out / f"adapter_rank{me['rank']}.safetensors"))
     else:  # FSDP: each rank holds 1/N; the full adapter exists only gathered (on rank 0)
-        state = trainer.accelerator.get_state_dict(trainer.model)
         result["local_param_bytes"] = sum(p.numel() * p.element_size() for p in trainer.model_wrapped.parameters())
+        # a full state dict passes every 4-bit weight through rank 0's CPU memory: 40 GiB for a 70B model
+        state = trainer.accelerator.get_state_dict(trainer.model) if args.gather_adapter else None
         if me["rank"] == 0 and state:
             lora = {k: v for k, v in state.items() if "lora_" in k}
             digest = hashlib.sha256()
@@ -556,19 +586,47 @@ def load_gpu_results(folder=None) -> dict:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
 
-def run_summary(run: dict) -> dict:
-    """One measured run -> {ranks, ok, error, peak_gib [per rank], predicted_gib, ratio, tokens_per_second, losses}.
+def replan(record: dict):
+    """The memory.GpuPlan of today's planner for the run a rank record describes (None without its shape).
 
-    tokens_per_second sums the ranks' median-step rates; ratio = predicted / largest measured peak.
+    Rank records keep the planner's prediction of their day too ("planner"); this one changes
+    with the planner, so tests hold the current planner to old measurements.
+    """
+    from . import memory
+
+    if "shape" not in record:
+        return None
+    config = record["config"]
+    return memory.plan_per_gpu(memory.ModelShape(**record["shape"]), gpus=record["world_size"],
+                               strategy=record["strategy"], rank=config["rank"], batch=record["batch_per_rank"],
+                               seq=config["max_seq_length"], optimizer=planner_optimizer(record["optimizer"]),
+                               checkpointing=record["gradient_checkpointing"], dropout=config["dropout"],
+                               autocast=record["device"] == "cuda")
+
+
+def run_summary(run: dict) -> dict:
+    """One measured run -> {ranks, ok, error, peak_gib [per rank], predicted_gib, ratio, load_peak_gib [per rank],
+    predicted_load_gib, load_ratio, tokens_per_second, losses, cap_gib}.
+
+    peak: the training steps' (after the model is wrapped); load: loading and wrapping, before the
+    first step. Predictions are today's planner's (replan), else what the run recorded.
+    tokens_per_second sums the ranks' median-step rates; ratios = predicted / largest measured.
     """
     ranks = run.get("ranks", [])
     errors = [r["error"] for r in ranks if "error" in r] or ([run["error"]] if run.get("error") else [])
     peaks = [r["peak_gpu_memory_bytes"] / 2**30 for r in ranks if r.get("peak_gpu_memory_bytes") is not None]
-    predicted = next((r["planner"]["peak_gib"] for r in ranks if "planner" in r), None)
+    loads = [r["peak_gpu_memory_before_training_bytes"] / 2**30 for r in ranks
+             if r.get("peak_gpu_memory_before_training_bytes") is not None]
+    plan = next((p for p in map(replan, ranks) if p is not None), None)
+    predicted = (plan.peak / 2**30 if plan else
+                 next((r["planner"]["peak_gib"] for r in ranks if "planner" in r), None))
+    predicted_load = plan.load_peak / 2**30 if plan else None
     rates = [r.get("tokens_per_second_median_step") for r in ranks]
     ok = bool(ranks) and not errors and run.get("returncode", 0) == 0
     return {"ranks": len(ranks), "ok": ok, "error": errors[0] if errors else None, "peak_gib": peaks,
             "predicted_gib": predicted, "ratio": predicted / max(peaks) if predicted and peaks and ok else None,
+            "load_peak_gib": loads, "predicted_load_gib": predicted_load,
+            "load_ratio": predicted_load / max(loads) if predicted_load and loads and ok else None,
             "tokens_per_second": sum(rates) if ok and all(rates) else None,
             "losses": [(x["step"], x["loss"]) for x in ranks[0].get("steps", [])] if ranks else [],
             "cap_gib": (ranks[0].get("gpu_memory_cap_bytes") or 0) / 2**30 if ranks else None}

@@ -33,6 +33,11 @@ The model counts bytes from first principles, for the path the notebooks take
   such buffers are alive at once. When T reaches a sliding window the model needs a
   mask: then KV heads are repeated, the memory-efficient kernel runs, and the mask costs
   B * T * T bytes (bool) plus a copy in the activation dtype.
+* autocast (the Trainer's `bf16=True`, notebook 05 and distributed.py): the residual stream
+  and the checkpoints keep their dtype, but what matmuls and attention make is bf16. So
+  q/k/v, the attention output and the MLP's four tensors cost 2 bytes each, sdpa runs
+  flash attention (no T x T scores), and each LoRA A keeps autocast's bf16 copy of its
+  input. Measured on H100/H200 through the Trainer: within 4% (data/multigpu/, 05's smoke).
 * logits: lm_head's output is upcast to fp32 for the loss (transformers' ForCausalLMLoss);
   log_softmax keeps its fp32 output, and backward holds that, its gradient and the
   logits' gradient: 12 bytes per token per vocabulary entry.
@@ -230,6 +235,7 @@ class MemoryPlan:
     checkpoints: int
     moments: dict = field(default_factory=dict)
     flops: dict = field(default_factory=dict)
+    autocast: bool = False
 
     @property
     def static(self) -> int:
@@ -266,8 +272,12 @@ class MemoryPlan:
         return f"{self.model.name} {self.quant} r={self.rank} {self.seq}x{self.batch}: peak {self.peak / GIB:.2f} GiB ({parts})"
 
 
-def _layer_bytes_per_token(shape: ModelShape, a: int, kernel: str, targets, rank: int, dropout: float) -> dict:
-    """Bytes per token the recomputed layer holds at its backward, by part (see the module docstring)."""
+def _layer_bytes_per_token(shape: ModelShape, a: int, kernel: str, targets, rank: int, dropout: float,
+                           autocast: bool = False) -> dict:
+    """Bytes per token the recomputed layer holds at its backward, by part (see the module docstring).
+
+    a: bytes per element of the residual stream; autocast: matmul and attention outputs are bf16.
+    """
     h, i = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     shapes = shape.linear_shapes()
@@ -275,31 +285,36 @@ def _layer_bytes_per_token(shape: ModelShape, a: int, kernel: str, targets, rank
     # residual stream: attention output after o_proj, the residual sum, the second norm's output;
     # bf16 RMSNorm also keeps an fp32 copy of each of its two inputs (in fp32 they are the tensors themselves)
     resid = 3 * a * h + (8 * h if a == 2 else 0)
+    c = 2 if autocast else a                 # dtype of what matmuls and attention produce
     if kernel == "flash":
-        attn = a * (2 * q + 2 * kv)          # q, k, v (grouped, not repeated), output
+        attn = c * (2 * q + 2 * kv)          # q, k, v (grouped, not repeated), output
     elif kernel == "efficient":
-        attn = a * (2 * q + 2 * q)           # q, repeated k and v, output
+        attn = c * (2 * q + 2 * q)           # q, repeated k and v, output
     else:
-        attn = a * 3 * q                     # q, repeated k and v; the T x T scores are counted apart
+        attn = c * 3 * q                     # q, repeated k and v; the T x T scores are counted apart
     if dropout > 0:
         # each adapter's dropout keeps an fp32 copy of its input and a bool mask; a bf16 input is
         # first cast to fp32 (one such cast alive at a time)
         lora = 5 * sum(ins) + (4 * max(ins, default=0) if a == 2 else 0)
     else:
-        lora = 4 * sum(ins) if a == 2 else 0  # lora_A keeps its fp32 input (a cast copy only for bf16)
-    lora += 4 * rank * len(ins)                  # lora_B's input (B, T, r)
-    mlp = 4 * a * i                              # gate out, up out, SiLU out, their product
+        lora = 4 * sum(ins) if a == 2 and not autocast else 0  # lora_A keeps its fp32 input (a cast copy for bf16)
+    if autocast:
+        lora += 2 * sum(ins)                     # lora_A's autocast copy of its input, bf16
+    lora += (2 if autocast else 4) * rank * len(ins)  # lora_B's input (B, T, r)
+    mlp = 4 * c * i                              # gate out, up out, SiLU out, their product
     return {"residual stream": resid, "attention": attn, "LoRA inputs": lora, "MLP": mlp}
 
 
 def plan(model="mistral-7b", quant: str = "nf4+dq", rank: int = 16, targets=ALL_PROJECTIONS,
          optimizer: str = "adamw", batch: int = 1, seq: int = 2048, checkpointing: bool = True,
-         dropout: float = 0.05, upcast: bool | None = None, device: str = "cuda") -> MemoryPlan:
+         dropout: float = 0.05, upcast: bool | None = None, device: str = "cuda", autocast: bool = False) -> MemoryPlan:
     """Predict a training step's memory (bytes) and FLOPs per token for `model` (name, config or ModelShape).
 
     upcast None means what the notebooks do: quantized models go through
     prepare_model_for_kbit_training (non-4-bit weights and hence activations in fp32), bf16 ones do not.
     device 'cpu' drops the CUDA workspaces (the CPU has no cuBLAS workspace).
+    autocast True: the step runs under bf16 autocast, as the Trainer with bf16=True does (notebook
+    05, distributed.py); False: plain calls, as bench.py's loop and the 08 measurements.
     """
     shape = model_shape(model)
     targets = tuple(targets)
@@ -313,12 +328,13 @@ def plan(model="mistral-7b", quant: str = "nf4+dq", rank: int = 16, targets=ALL_
     upcast = (quant != "none") if upcast is None else upcast
     a = 4 if upcast else 2
     n = batch * seq
-    kernel = attention_kernel(shape, seq, a)
+    c = 2 if autocast else a
+    kernel = attention_kernel(shape, seq, c)
     n_lora = lora_params(shape, rank, targets)
-    per_token = _layer_bytes_per_token(shape, a, kernel, targets, rank, dropout)
+    per_token = _layer_bytes_per_token(shape, a, kernel, targets, rank, dropout, autocast)
     layer = n * sum(per_token.values())
     scores = batch * shape.heads * seq * seq * 4 if kernel == "math" else 0   # fp32 T x T per head
-    mask = batch * seq * seq * (1 + a) if needs_mask(shape, seq) else 0  # bool mask + sdpa's additive copy
+    mask = batch * seq * seq * (1 + c) if needs_mask(shape, seq) else 0  # bool mask + sdpa's additive copy
     grads = 2 * 4 * n * shape.hidden                                           # two fp32 (B, T, hidden) gradients
     dequant = 2 * max(o * i for o, i in shape.linear_shapes().values()) if quant != "none" else 0
     shapes = shape.linear_shapes()
@@ -340,6 +356,7 @@ def plan(model="mistral-7b", quant: str = "nf4+dq", rank: int = 16, targets=ALL_
     result = MemoryPlan(
         model=shape, quant=quant, rank=rank, targets=targets, optimizer=optimizer, batch=batch, seq=seq,
         checkpointing=checkpointing, dropout=dropout, upcast=upcast, act_bytes=a, attention_kernel=kernel,
+        autocast=autocast,
         weights_loaded=weight_bytes(shape, quant, upcast=False), weights=weight_bytes(shape, quant, upcast=upcast),
         lora_params=n_lora, lora_bytes=4 * n_lora, lora_grad_bytes=4 * n_lora,
         optimizer_bytes=int(state * n_lora), workspace=CUBLAS_WORKSPACES if device == "cuda" else 0,
@@ -406,7 +423,8 @@ def fits(p: MemoryPlan, gpu_gib: float, margin: float = 0.1) -> FitAnswer:
     if peak <= room:
         return FitAnswer(True, peak, room, [])
     base = dict(model=p.model, quant=p.quant, rank=p.rank, targets=p.targets, optimizer=p.optimizer,
-                batch=p.batch, seq=p.seq, checkpointing=p.checkpointing, dropout=p.dropout, upcast=p.upcast)
+                batch=p.batch, seq=p.seq, checkpointing=p.checkpointing, dropout=p.dropout, upcast=p.upcast,
+                autocast=p.autocast)
     advice = []
 
     def tryit(label: str, **change):
@@ -555,6 +573,26 @@ class GpuPlan:
     lora_state: int
     comm_buffers: int
     unsharded: int = 0  # the part of `weights` FSDP cannot shard (quantization statistics)
+    unit_flat: int = 0  # FSDP: bytes of one decoder layer's flat parameter, unsharded
+
+    @property
+    def load_peak(self) -> int:
+        """Per-GPU bytes at load time, before the first step.
+
+        transformers loads a bitsandbytes model whole onto every rank's GPU (its FSDP
+        CPU-RAM-efficient loading skips quantized models), and FSDP then flattens one layer at
+        a time (a copy of the layer's bytes) and frees all but its shard. So under FSDP the
+        load needs the whole 4-bit model plus one layer per GPU, more than a 70B step does
+        on two GPUs. DDP: the model on the GPU, below its training peak.
+        """
+        if self.strategy == "fsdp":
+            return self.base.weights_loaded + self.unit_flat
+        return self.base.weights
+
+    @property
+    def fit_peak(self) -> int:
+        """The larger of the step's peak and the load's: what a GPU must hold for the run to get going."""
+        return max(self.peak, self.load_peak)
 
     @property
     def static(self) -> int:
@@ -586,7 +624,8 @@ class GpuPlan:
     def summary(self) -> str:
         b = self.base
         return (f"{b.model.name} {b.quant} r={b.rank} {b.seq}x{b.batch} per GPU, {self.strategy} on {self.gpus} GPU"
-                f"{'s' if self.gpus > 1 else ''}: peak {self.peak / GIB:.2f} GiB per GPU")
+                f"{'s' if self.gpus > 1 else ''}: peak {self.peak / GIB:.2f} GiB per GPU"
+                + (f" (loading: {self.load_peak / GIB:.2f} GiB)" if self.load_peak > self.peak else ""))
 
 
 def plan_per_gpu(model="mistral-7b", gpus: int = 2, strategy: str = "fsdp", **plan_kwargs) -> GpuPlan:
@@ -632,7 +671,7 @@ def plan_per_gpu(model="mistral-7b", gpus: int = 2, strategy: str = "fsdp", **pl
     gathered = root_flat + min(FSDP_LAYERS_IN_FLIGHT, shape.layers) * layer_flat
     lora_state = int(-(-n_lora // gpus) * (4 + 4 + opt))
     return GpuPlan(base, strategy, gpus, weights=weights, gathered=gathered, lora_state=lora_state, comm_buffers=0,
-                   unsharded=shape.layers * layer_stats)
+                   unsharded=shape.layers * layer_stats, unit_flat=layer_flat)
 
 
 def fits_per_gpu(gp: GpuPlan, gpu_gib: float, margin: float = 0.1, max_gpus: int = 64) -> FitAnswer:
@@ -640,19 +679,19 @@ def fits_per_gpu(gp: GpuPlan, gpu_gib: float, margin: float = 0.1, max_gpus: int
     if gpu_gib <= CUDA_CONTEXT_GIB:
         raise ValueError(f"gpu_gib={gpu_gib}: give one GPU's memory in GiB, e.g. 24 or 80")
     room = usable_gib(gpu_gib, margin)
-    peak = gp.peak / GIB
+    peak = gp.fit_peak / GIB
     if peak <= room:
         return FitAnswer(True, peak, room, [])
     b = gp.base
     fsdp_kw = dict(quant=b.quant, rank=b.rank, targets=b.targets, optimizer=b.optimizer, batch=b.batch, seq=b.seq,
-                   checkpointing=b.checkpointing, dropout=b.dropout)
+                   checkpointing=b.checkpointing, dropout=b.dropout, autocast=b.autocast)
     ddp_kw = {**fsdp_kw, "upcast": b.upcast}  # DDP keeps the plan's upcast; FSDP plans its own recipe's (bf16)
     advice = []
 
     def tryit(label: str, gpus: int, strategy: str, **change):
         kw = ddp_kw if strategy == "ddp" else fsdp_kw
         q = plan_per_gpu(b.model, gpus=gpus, strategy=strategy, **{**kw, **change})
-        gib = q.peak / GIB
+        gib = q.fit_peak / GIB
         advice.append((gib > room, gib, f"{label}: peak {gib:.1f} GiB per GPU" + ("" if gib > room else " (fits)")))
 
     if gp.strategy == "ddp":
@@ -667,6 +706,12 @@ def fits_per_gpu(gp: GpuPlan, gpu_gib: float, margin: float = 0.1, max_gpus: int
         tryit(f"sequences of {b.seq // 2} tokens", gp.gpus, gp.strategy, seq=b.seq // 2)
     if need is None:
         one = plan_per_gpu(b.model, gpus=max_gpus, strategy="fsdp", **fsdp_kw)
+        if one.load_peak > one.peak and one.load_peak / GIB > room:
+            load = one.load_peak / GIB
+            advice.append((True, load, f"no count of GPUs fits with fsdp as transformers loads it: the whole 4-bit "
+                                       f"model is loaded onto every GPU before FSDP shards it ({load:.1f} GiB per "
+                                       f"GPU); use GPUs with more memory, or a loader that quantizes on the CPU and "
+                                       f"shards from there (Answer.AI's fsdp_qlora; not planned here)"))
         fixed = (one.gathered + one.unsharded + one.base.checkpoints + one.base.activations + one.base.workspace) / GIB
         advice.append((True, fixed, f"no count of up to {max_gpus} GPUs fits with fsdp: what sharding does not "
                                     f"shrink (gathered units, quantization statistics, activations, workspaces) "
@@ -686,7 +731,7 @@ def min_gpus(model, gpu_gib: float, strategy: str = "fsdp", margin: float = 0.1,
     """
     room = usable_gib(gpu_gib, margin)
     for n in range(1, max_gpus + 1):
-        if plan_per_gpu(model, gpus=n, strategy=strategy, **plan_kwargs).peak / GIB <= room:
+        if plan_per_gpu(model, gpus=n, strategy=strategy, **plan_kwargs).fit_peak / GIB <= room:
             return n
     return None
 
@@ -695,5 +740,7 @@ def gpu_plan_dict(gp: GpuPlan) -> dict:
     """A JSON-friendly view of a per-GPU plan (GiB), for result files and tables."""
     return {"strategy": gp.strategy, "gpus": gp.gpus, "model": gp.base.model.name, "quant": gp.base.quant,
             "rank": gp.base.rank, "batch_per_gpu": gp.base.batch, "seq": gp.base.seq,
-            "optimizer": gp.base.optimizer, "upcast": gp.base.upcast, "peak_gib": gp.peak / GIB,
+            "optimizer": gp.base.optimizer, "upcast": gp.base.upcast,
+            "autocast": gp.base.autocast, "dropout": gp.base.dropout, "peak_gib": gp.peak / GIB,
+            "load_peak_gib": gp.load_peak / GIB,
             "peak_bytes": gp.peak, "peak_moment": gp.base.peak_moment, "breakdown_gib": gp.breakdown()}

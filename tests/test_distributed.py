@@ -132,11 +132,24 @@ def test_model_that_does_not_fit_even_sharded_gets_the_planners_numbers():
 
 
 def test_a_model_that_fits_on_more_gpus_is_told_how_many():
-    need = memory.min_gpus("llama-3-70b", 24)
-    assert need and need > 2
+    need = memory.min_gpus("llama-3-70b", 48)
+    assert need == 2
     with pytest.raises(distributed.DistributedSetupError, match=f"fsdp on {need} GPUs: peak .* \\(fits\\)"):
-        distributed.check_fit("llama-3-70b", 2, "ddp", 1, 2048, 16, "paged_adamw_8bit", True, gpu_gib=24)
-    assert distributed.check_fit("llama-3-70b", need, "fsdp", 1, 2048, 16, "adamw_torch", True, gpu_gib=24).gpus == need
+        distributed.check_fit("llama-3-70b", 1, "ddp", 1, 2048, 16, "paged_adamw_8bit", True, gpu_gib=48)
+    assert distributed.check_fit("llama-3-70b", need, "fsdp", 1, 2048, 16, "adamw_torch", True, gpu_gib=48).gpus == need
+
+
+def test_fsdp_loading_whole_4bit_model_per_gpu_is_planned_and_named():
+    # transformers puts the whole 4-bit model on every GPU before FSDP shards it: a 70B step
+    # on many 24 GiB GPUs would fit, its load does not, and the refusal says so
+    many = memory.plan_per_gpu("llama-3-70b", gpus=16, strategy="fsdp", autocast=True)
+    assert many.peak / 2**30 < memory.usable_gib(24) < many.load_peak / 2**30
+    assert many.load_peak == many.base.weights_loaded + many.unit_flat and many.fit_peak == many.load_peak
+    assert memory.min_gpus("llama-3-70b", 24) is None
+    with pytest.raises(distributed.DistributedSetupError, match="loaded onto every GPU before FSDP shards it"):
+        distributed.check_fit("llama-3-70b", 2, "fsdp", 1, 2048, 16, "adamw_torch", True, gpu_gib=24)
+    ddp = memory.plan_per_gpu("mistral-7b", gpus=2, strategy="ddp")
+    assert ddp.load_peak < ddp.peak == ddp.fit_peak
 
 
 def test_the_script_refuses_before_loading_and_exits(tmp_path, capsys):
