@@ -6,9 +6,11 @@ fragmentation inside PyTorch's caching allocator (the peak here is
 `torch.cuda.max_memory_allocated`; `fits` keeps a margin for the rest). Measured so far:
 gradient checkpointing on, LoRA dropout > 0, AdamW 32-bit, CUDA; the other settings
 (checkpointing off, dropout 0, 8-bit optimizers, bf16 activations under QLoRA) follow the
-same counting but no measurement checks them yet. Several GPUs: `plan_per_gpu` (at the end)
-predicts the per-GPU peak of data-parallel (DDP) and fully sharded (FSDP) training; no
-measurement checks it yet either.
+same counting; the Trainer's path (bf16 autocast, dropout 0, paged 8-bit AdamW) is checked
+by the 2-GPU runs. Several GPUs: `plan_per_gpu` (at the end) predicts the per-GPU peak of
+data-parallel (DDP) and fully sharded (FSDP) training, and FSDP's load moment;
+tests/test_distributed.py holds it to the H200 runs in data/multigpu/ (70B FSDP, 7B DDP
+within 10%; 7B FSDP over-predicted by about a fifth).
 
 The model counts bytes from first principles, for the path the notebooks take
 (transformers + peft + bitsandbytes, sdpa attention, no padding, gradient checkpointing):

@@ -134,3 +134,20 @@ def test_forward_flops_match_torch_flop_counter():
     # the counter counts sdpa's full T x T; we count the causal half
     causal_half = shape.layers * 2 * T * T * shape.heads * shape.head_dim
     assert counter.get_total_flops() == pytest.approx(ours + causal_half, rel=1e-6)
+
+
+def test_autocast_plans_the_trainers_bf16_matmuls_and_flash_attention():
+    # the Trainer's bf16=True: the residual stream stays fp32 after prepare_model_for_kbit_training, but
+    # attention and matmul outputs are bf16, so sdpa takes flash attention instead of the fp32 math kernel
+    plain = memory.plan("mistral-7b", batch=4, seq=2048, dropout=0.0)
+    auto = memory.plan("mistral-7b", batch=4, seq=2048, dropout=0.0, autocast=True)
+    assert (plain.attention_kernel, auto.attention_kernel) == ("math", "flash")
+    assert "attention backward (math kernel)" in plain.moments and "attention backward (math kernel)" not in auto.moments
+    assert auto.checkpoints == plain.checkpoints and auto.static == plain.static
+    shape = memory.MODELS["mistral-7b"]
+    per = memory._layer_bytes_per_token(shape, 4, "flash", memory.ALL_PROJECTIONS, 16, 0.0, autocast=True)
+    assert per["MLP"] == 4 * 2 * shape.intermediate
+    assert auto.peak < plain.peak
+    # a mask (sequences past Mistral's sliding window) is built in the compute dtype
+    long_auto = memory.plan("mistral-7b", batch=1, seq=8192, dropout=0.0, autocast=True)
+    assert long_auto.attention_kernel == "efficient"
