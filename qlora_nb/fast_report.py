@@ -8,25 +8,40 @@ Files (each written by one device run; see data/bench/fast/README.md):
 * bench_fast_cuda.json: the side-by-side run: plain, fast and Unsloth at four shapes, one run.
 * bench_fast_first_cuda.json, bench_fast_eager_cuda.json: earlier runs, one lever fewer each.
 * profile_step_2048x1.json: GPU kernel time of one step by category, plain vs fast.
+* bench_fast_liger_h200_cuda.json (name "liger_h200"): plain, plain + Liger Kernel, fast and Unsloth at
+  2048x1 and 8192x1, one run on an H200 (a different GPU: compare its ratios, not its tokens/s, with the H100's).
 
 >>> rows = side_by_side(load_run("final"))
 >>> [r["shape"] for r in rows]
 ['512x4', '2048x1', '2048x4', '8192x1']
+>>> [r["shape"] for r in side_by_side(load_run("liger_h200"))]
+['2048x1', '8192x1']
 """
 from __future__ import annotations
 
 from .paths import recorded_json
 
 RUNS = {"final": "bench_fast_cuda.json", "first": "bench_fast_first_cuda.json",
-        "eager": "bench_fast_eager_cuda.json"}
+        "eager": "bench_fast_eager_cuda.json"}  # any other name N reads bench_fast_N_cuda.json
 SHAPES = ["512x4", "2048x1", "2048x4", "8192x1"]
+METHODS = ("qlora", "liger", "fast", "unsloth")  # side_by_side's columns, in this order, where a run has them
+LABELS = {"qlora": "plain path", "liger": "plain path + Liger", "fast": "fast path", "unsloth": "Unsloth"}
+# (key, numerator, denominator): tokens/s ratios side_by_side adds to a row when both methods ran at that shape
+RATIOS = (("liger_over_plain", "liger", "qlora"), ("fast_over_plain", "fast", "qlora"),
+          ("fast_over_liger", "fast", "liger"), ("fast_over_unsloth", "fast", "unsloth"))
 H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM5 datasheet: bf16 tensor-core peak without sparsity
 GIB = 2**30
 
 
 def load_run(name: str = "final") -> dict:
-    """One recorded benchmark run ({'environment', 'model', 'runs'}) by name: final, first or eager."""
-    return recorded_json(f"bench/fast/{RUNS[name]}", "bash benchmarks/fast_bench.sh (see data/bench/fast/README.md)")
+    """One recorded benchmark run ({'environment', 'model', 'runs'}) by name.
+
+    final, first and eager are the H100 runs named in RUNS; any other name N reads
+    data/bench/fast/bench_fast_N_cuda.json, e.g. "liger_h200" -> bench_fast_liger_h200_cuda.json.
+    A missing file raises FileNotFoundError naming the command that writes it.
+    """
+    file = RUNS.get(name, f"bench_fast_{name}_cuda.json")
+    return recorded_json(f"bench/fast/{file}", "bash benchmarks/fast_bench.sh (see data/bench/fast/README.md)")
 
 
 def load_profile() -> dict:
@@ -43,19 +58,45 @@ def run_of(result: dict, method: str, shape: str) -> dict | None:
     return None
 
 
-def side_by_side(result: dict, methods=("qlora", "fast", "unsloth")) -> list[dict]:
-    """Per shape: tokens/s and peak GiB of each method, fast's speed over plain and over Unsloth, memory vs Unsloth."""
+def side_by_side(result: dict, methods=None, shapes=None) -> list[dict]:
+    """Per shape, one row: tokens/s and peak GiB of each method, and the tokens/s ratios between them.
+
+    methods: default, those of METHODS (qlora = plain path, liger = plain path + Liger Kernel, fast,
+    unsloth) that the run measured at any shape. shapes: default, every 'SEQxBATCH' where one of them
+    ran, shortest first. A row holds 'shape', '<method>_tok_s' (tokens per second), '<method>_peak_gib'
+    (peak allocated GiB; both None where that method failed or did not run at the shape), each ratio of
+    RATIOS whose two methods ran ('liger_over_plain', 'fast_over_plain', 'fast_over_liger',
+    'fast_over_unsloth': numerator's tokens/s over denominator's), and, with Unsloth,
+    'fast_memory_le_unsloth' (fast's peak <= Unsloth's).
+
+    Worked example: plain 1,000 tok/s, Liger 1,250, fast 3,000, Unsloth 2,500 at 2048x1 give
+    liger_over_plain 1.25, fast_over_plain 3.0, fast_over_liger 2.4, fast_over_unsloth 1.2.
+
+    >>> run = lambda m, tok: {"method": m, "seq": 2048, "batch": 1, "tokens_per_second": tok,
+    ...                       "peak_allocated_bytes": 5 * GIB}
+    >>> row, = side_by_side({"runs": [run("qlora", 1000.0), run("liger", 1250.0), run("fast", 3000.0),
+    ...                                run("unsloth", 2500.0)]})
+    >>> [row[k] for k in ("shape", "liger_over_plain", "fast_over_plain", "fast_over_liger", "fast_over_unsloth")]
+    ['2048x1', 1.25, 3.0, 2.4, 1.2]
+    >>> row["fast_peak_gib"], row["fast_memory_le_unsloth"]
+    (5.0, True)
+    """
+    ok = [r for r in result["runs"] if "error" not in r]
+    if methods is None:
+        methods = [m for m in METHODS if any(r["method"] == m for r in ok)]
+    if shapes is None:
+        shapes = [f"{s}x{b}" for s, b in sorted({(r["seq"], r["batch"]) for r in ok if r["method"] in methods})]
     rows = []
-    for shape in SHAPES:
+    for shape in shapes:
         row = {"shape": shape}
         for m in methods:
             r = run_of(result, m, shape)
             row[f"{m}_tok_s"] = r["tokens_per_second"] if r else None
             row[f"{m}_peak_gib"] = r["peak_allocated_bytes"] / GIB if r else None
-        if row.get("fast_tok_s") and row.get("qlora_tok_s"):
-            row["fast_over_plain"] = row["fast_tok_s"] / row["qlora_tok_s"]
+        for key, num, den in RATIOS:
+            if row.get(f"{num}_tok_s") and row.get(f"{den}_tok_s"):
+                row[key] = row[f"{num}_tok_s"] / row[f"{den}_tok_s"]
         if row.get("fast_tok_s") and row.get("unsloth_tok_s"):
-            row["fast_over_unsloth"] = row["fast_tok_s"] / row["unsloth_tok_s"]
             row["fast_memory_le_unsloth"] = row["fast_peak_gib"] <= row["unsloth_peak_gib"]
         rows.append(row)
     return rows
@@ -68,7 +109,7 @@ def milestones(result: dict, bf16_lora: dict | None = None) -> dict[str, bool]:
     2: at least 2x the plain path at all four shapes;
     3: Unsloth's tokens/s at 2048x4 and 8192x1, at no more than its peak memory.
     """
-    rows = {r["shape"]: r for r in side_by_side(result)}
+    rows = {r["shape"]: r for r in side_by_side(result, ("qlora", "fast", "unsloth"), SHAPES)}
     lora = run_of(bf16_lora or result, "lora", "2048x4")
     fast, plain = run_of(result, "fast", "2048x4"), run_of(result, "qlora", "2048x4")
     m1 = bool(lora and fast and plain and fast["tokens_per_second"] >= lora["tokens_per_second"]
@@ -125,7 +166,7 @@ def plot_profile(ax, profile: dict):
 
     cats = sorted({c for run in profile["runs"] for phase in run["ms"].values() for c in phase})
     bottoms = [0.0] * len(profile["runs"])
-    names = [{"qlora": "plain path", "fast": "fast path"}.get(run["method"], run["method"]) for run in profile["runs"]]
+    names = [LABELS.get(run["method"], run["method"]) for run in profile["runs"]]
     for i, cat in enumerate(cats):
         vals = [sum(phase.get(cat, 0.0) for phase in run["ms"].values()) for run in profile["runs"]]
         ax.bar(names, vals, bottom=bottoms, label=cat, color=f"C{i}")

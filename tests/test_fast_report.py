@@ -67,3 +67,63 @@ def test_achieved_flops_use_the_planners_count():
     per_token = memory.flops_per_token(memory.MODELS["mistral-7b"], 2048)["total"]
     assert tflops == pytest.approx(per_token * 1000 / 1e12)
     assert frac == pytest.approx(tflops / fast_report.H100_BF16_DENSE_TFLOPS)
+
+
+def test_load_run_reads_the_liger_run_by_name_and_keeps_the_old_names():
+    liger = fast_report.load_run("liger_h200")
+    assert "H200" in liger["environment"]["gpu"]
+    assert {r["method"] for r in liger["runs"]} == {"qlora", "liger", "fast", "unsloth"}
+    for name in ("final", "first", "eager"):
+        assert "H100" in fast_report.load_run(name)["environment"]["gpu"]
+    with pytest.raises(FileNotFoundError, match="fast_bench.sh"):
+        fast_report.load_run("no_such_run")
+
+
+def test_liger_side_by_side_follows_from_the_h200_run():
+    liger = fast_report.load_run("liger_h200")
+    shapes = sorted({(r["seq"], r["batch"]) for r in liger["runs"]})
+    rows = fast_report.side_by_side(liger)
+    assert [r["shape"] for r in rows] == [f"{s}x{b}" for s, b in shapes]
+    for row in rows:
+        run = {m: fast_report.run_of(liger, m, row["shape"]) for m in ("qlora", "liger", "fast", "unsloth")}
+        assert all(run.values()), row["shape"]
+        tok = {m: r["tokens_per_second"] for m, r in run.items()}
+        for m, r in run.items():
+            assert row[f"{m}_tok_s"] == tok[m]
+            assert row[f"{m}_peak_gib"] == pytest.approx(r["peak_allocated_bytes"] / 2**30)
+            assert r["tokens_per_second"] == pytest.approx(r["seq"] * r["batch"] / r["step_seconds"]["median"])
+        assert row["liger_over_plain"] == pytest.approx(tok["liger"] / tok["qlora"])
+        assert row["fast_over_plain"] == pytest.approx(tok["fast"] / tok["qlora"])
+        assert row["fast_over_liger"] == pytest.approx(tok["fast"] / tok["liger"])
+        assert row["fast_over_unsloth"] == pytest.approx(tok["fast"] / tok["unsloth"])
+    # the H100 run has no Liger: no Liger columns, its rows unchanged
+    final_rows = fast_report.side_by_side(fast_report.load_run("final"))
+    assert [r["shape"] for r in final_rows] == fast_report.SHAPES
+    assert not any(k.startswith("liger") or k.endswith("_liger") for r in final_rows for k in r)
+
+
+def test_side_by_side_on_a_made_up_run():
+    gib = 2**30
+
+    def run(method, seq, batch, tok, peak_gib, **extra):
+        return {"method": method, "seq": seq, "batch": batch, "tokens_per_second": tok,
+                "peak_allocated_bytes": int(peak_gib * gib), **extra}
+
+    made_up = {"runs": [run("unsloth", 8192, 1, 2500.0, 6.0), run("fast", 8192, 1, 3000.0, 5.0),
+                        run("liger", 8192, 1, 1250.0, 12.0), run("qlora", 8192, 1, 1000.0, 14.0),
+                        run("qlora", 2048, 1, 2000.0, 8.0), run("liger", 2048, 1, 0.0, 0.0, error="OOM"),
+                        run("fast", 2048, 1, 4000.0, 4.5), run("lora", 512, 4, 9e9, 1.0)]}
+    rows = fast_report.side_by_side(made_up)
+    assert [r["shape"] for r in rows] == ["2048x1", "8192x1"]  # shortest first; 'lora' is not a column
+    short, long = rows
+    assert long["liger_over_plain"] == 1.25 and long["fast_over_plain"] == 3.0
+    assert long["fast_over_liger"] == 2.4 and long["fast_over_unsloth"] == 1.2
+    assert long["liger_peak_gib"] == 12.0 and long["fast_memory_le_unsloth"] is True
+    # the failed Liger run and the missing Unsloth run leave None and no ratio, not a crash
+    assert short["liger_tok_s"] is None and short["unsloth_peak_gib"] is None
+    assert short["fast_over_plain"] == 2.0
+    assert not {"liger_over_plain", "fast_over_liger", "fast_over_unsloth", "fast_memory_le_unsloth"} & set(short)
+    # methods and shapes can be named
+    only = fast_report.side_by_side(made_up, methods=("qlora", "liger"), shapes=["8192x1"])
+    assert only == [{"shape": "8192x1", "qlora_tok_s": 1000.0, "qlora_peak_gib": 14.0, "liger_tok_s": 1250.0,
+                     "liger_peak_gib": 12.0, "liger_over_plain": 1.25}]
