@@ -632,6 +632,35 @@ def run_summary(run: dict) -> dict:
             "cap_gib": (ranks[0].get("gpu_memory_cap_bytes") or 0) / 2**30 if ranks else None}
 
 
+def scaling(one_gpu_summary: dict, n_gpu_summary: dict) -> dict:
+    """Data-parallel scaling: two run_summary dicts of the same global batch, on one GPU and on N GPUs.
+
+    Returns {gpus (N), tokens_per_second_1, tokens_per_second_n (tokens/s, the ranks' median-step
+    rates summed), speedup (rate_n / rate_1), efficiency (rate_n / (N x rate_1); 1.0 is perfect),
+    losses [(step, loss on 1 GPU, loss on N GPUs)] (nats per token, the steps both logged),
+    max_relative_loss_difference (max |loss_n - loss_1| / |loss_1|)}. Rates, speedup and
+    efficiency are None when a run did not train or has no rate; the loss difference is None
+    without common steps.
+
+    >>> one = {"ranks": 1, "ok": True, "tokens_per_second": 1000.0, "losses": [(1, 2.0), (2, 1.5)]}
+    >>> two = {"ranks": 2, "ok": True, "tokens_per_second": 1900.0, "losses": [(1, 2.0), (2, 1.503)]}
+    >>> s = scaling(one, two)
+    >>> s["gpus"], s["speedup"], s["efficiency"], round(s["max_relative_loss_difference"], 6)
+    (2, 1.9, 0.95, 0.002)
+    """
+    if one_gpu_summary.get("ranks") != 1:
+        raise ValueError(f"the first run must be a one-GPU run; it has {one_gpu_summary.get('ranks')} rank(s)")
+    n = n_gpu_summary.get("ranks") or 0
+    r1 = one_gpu_summary.get("tokens_per_second") if one_gpu_summary.get("ok") else None
+    rn = n_gpu_summary.get("tokens_per_second") if n_gpu_summary.get("ok") else None
+    a, b = dict(one_gpu_summary.get("losses", [])), dict(n_gpu_summary.get("losses", []))
+    losses = [(s, a[s], b[s]) for s in sorted(a) if s in b]
+    return {"gpus": n, "tokens_per_second_1": r1, "tokens_per_second_n": rn,
+            "speedup": rn / r1 if r1 and rn else None,
+            "efficiency": rn / (n * r1) if r1 and rn and n else None, "losses": losses,
+            "max_relative_loss_difference": max((abs(y - x) / abs(x) for _, x, y in losses), default=None)}
+
+
 def _close_process_group() -> None:
     """After a good run: wait for every rank, then tear the process group down (a gloo group left to the
     interpreter's exit can abort it with 'terminate called without an active exception')."""
