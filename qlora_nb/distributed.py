@@ -507,7 +507,6 @@ def _train(args, config, strategy, device, me, optim, out) -> dict:
             from safetensors.torch import save_file
             save_file(adapter_tensors(trainer.model), str(out / f"adapter_rank{me['rank']}.safetensors"))
     else:  # FSDP: each rank holds 1/N; the full adapter exists only gathered (on rank 0)
-        result["local_param_bytes"] = sum(p.numel() * p.element_size() for p in trainer.model_wrapped.parameters())
         # a full state dict passes every 4-bit weight through rank 0's CPU memory: 40 GiB for a 70B model
         state = trainer.accelerator.get_state_dict(trainer.model) if args.gather_adapter else None
         if me["rank"] == 0 and state:
@@ -556,10 +555,9 @@ def compare_runs(parallel, single, rtol: float = 1e-3) -> dict:
         if "error" in rec:
             raise RuntimeError(f"rank {rec['rank']} of a run failed: {rec['error']}")
     digests = {r.get("adapter_sha256") for r in par}
-    a = {s: loss for s, loss in ((x["step"], x["loss"]) for x in one[0]["steps"])}
-    b = {s: loss for s, loss in ((x["step"], x["loss"]) for x in par[0]["steps"])}
-    losses = [(s, a[s], b[s]) for s in sorted(a) if s in b]
-    worst = max((abs(y - x) / abs(x) for _, x, y in losses), default=float("inf"))
+    b = {x["step"]: x["loss"] for x in par[0]["steps"]}
+    losses, worst = _paired_losses([(x["step"], x["loss"]) for x in one[0]["steps"]], b.items())
+    worst = float("inf") if worst is None else worst
     shares, rebuilt = [], {}
     for rec in par:
         for m in rec["micro_steps"]:
@@ -653,12 +651,18 @@ def scaling(one_gpu_summary: dict, n_gpu_summary: dict) -> dict:
     n = n_gpu_summary.get("ranks") or 0
     r1 = one_gpu_summary.get("tokens_per_second") if one_gpu_summary.get("ok") else None
     rn = n_gpu_summary.get("tokens_per_second") if n_gpu_summary.get("ok") else None
-    a, b = dict(one_gpu_summary.get("losses", [])), dict(n_gpu_summary.get("losses", []))
-    losses = [(s, a[s], b[s]) for s in sorted(a) if s in b]
+    losses, worst = _paired_losses(one_gpu_summary.get("losses", []), n_gpu_summary.get("losses", []))
     return {"gpus": n, "tokens_per_second_1": r1, "tokens_per_second_n": rn,
             "speedup": rn / r1 if r1 and rn else None,
             "efficiency": rn / (n * r1) if r1 and rn and n else None, "losses": losses,
-            "max_relative_loss_difference": max((abs(y - x) / abs(x) for _, x, y in losses), default=None)}
+            "max_relative_loss_difference": worst}
+
+
+def _paired_losses(reference, other) -> tuple[list, float | None]:
+    """([(step, reference loss, other loss)] over the steps both logged, max relative difference or None)."""
+    a, b = dict(reference), dict(other)
+    losses = [(s, a[s], b[s]) for s in sorted(a) if s in b]
+    return losses, max((abs(y - x) / abs(x) for _, x, y in losses), default=None)
 
 
 def _close_process_group() -> None:
