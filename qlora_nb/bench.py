@@ -117,9 +117,10 @@ def weight_bytes(model) -> int:
 
 
 PEERS = ("unsloth", "liger")  # benchmark peers: never imported by the package outside this file's child processes
-METHODS = ("qlora", "lora", "fast", "fast_keep", *PEERS)
+METHODS = ("qlora", "lora", "fast", "fast_keep", "fast_compiled", *PEERS)
 METHOD_LABELS = {"qlora": "QLoRA NF4+DQ", "lora": "bf16 LoRA", "fast": "QLoRA fast path (qlora_nb.fast)",
                  "fast_keep": "fast path, dequantized weights kept for backward",
+                 "fast_compiled": "fast path, decoder layers compiled",
                  "unsloth": "Unsloth QLoRA", "liger": "QLoRA + Liger kernels"}
 
 
@@ -151,7 +152,7 @@ def load_for_bench(model_dir: str | Path, method: str, checkpointing: bool = Tru
 
     qlora: the notebooks' plain path (NF4+DQ, prepare_model_for_kbit_training, LoRA dropout 0.05).
     lora: bf16 base. fast: NF4+DQ + `fast.enable_fast_path` (LoRA dropout 0); fast_keep: the
-    same with keep_weight=True. liger: the plain
+    same with keep_weight=True; fast_compiled: with compile_layers=True. liger: the plain
     path after `apply_liger_kernel_to_mistral()`. unsloth: `FastLanguageModel` in 4-bit.
     """
     import torch
@@ -192,7 +193,7 @@ def load_for_bench(model_dir: str | Path, method: str, checkpointing: bool = Tru
     model = get_peft_model(model, lora)
     if fast_path:
         fast.enable_fast_path(model, checkpointing=checkpointing, offload=checkpointing and cuda,
-                              keep_weight=method == "fast_keep")
+                              keep_weight=method == "fast_keep", compile_layers=method == "fast_compiled")
     model.train()
     return model, loaded
 

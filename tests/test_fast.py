@@ -125,6 +125,31 @@ def test_fast_model_loss_and_gradients_equal_plain(device):
         torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_compiled_layers_equal_the_eager_fast_path_without_graph_breaks():
+    # regional compilation (compile_layers) must change only how a layer runs: same loss and LoRA gradients,
+    # and one graph per layer (a graph break would fall back to eager launches and gain nothing)
+    from torch._dynamo.utils import counters
+
+    eager = fast.enable_fast_path(_peft(_tiny_4bit(torch.float32)), checkpointing=True, dtype=torch.float32)
+    compiled = fast.enable_fast_path(_peft(_tiny_4bit(torch.float32)), checkpointing=True, dtype=torch.float32,
+                                     compile_layers=True)
+    assert compiled._qlora_nb_fast["compiled_layers"] == compiled.config.num_hidden_layers
+    ids, labels = _batch(eager.config.vocab_size, "cpu")
+    torch._dynamo.reset()
+    counters.clear()
+    losses = []
+    for m in (eager, compiled):
+        loss = fast.causal_lm_loss(m, ids, labels)
+        loss.backward()
+        losses.append(loss)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2  # shared by both layers: one without grad, one for the recompute
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    g_eager, g_compiled = _lora_grads(eager), _lora_grads(compiled)
+    for n in g_eager:
+        torch.testing.assert_close(g_compiled[n], g_eager[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def _train(model, loss_fn, batches, lr=2e-3):
     from qlora_nb.fast_check import adamw_losses
 
