@@ -40,8 +40,9 @@ def category(event) -> str:
     return "other"
 
 
-def profile_method(model_dir: str, method: str, seq: int, batch: int) -> dict:
-    """{phase: {category: ms}} of CUDA kernel time for one step of `method`, and the step's wall time."""
+def profile_method(model_dir: str, method: str, seq: int, batch: int, top_n: int = 40) -> dict:
+    """{phase: {category: ms}} of CUDA kernel time for one step of `method`, its total, and the `top_n` ops
+    (and kernels) by their own GPU time."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from qlora_nb import bench
@@ -79,11 +80,16 @@ def profile_method(model_dir: str, method: str, seq: int, batch: int) -> dict:
         cat = category(e)
         table.setdefault(phase, {}).setdefault(cat, 0.0)
         table[phase][cat] += ms
+    top = sorted((a for a in prof.key_averages()
+                  if getattr(a, "self_device_time_total", 0) > 0 and not a.key.startswith("phase:")),
+                 key=lambda a: -a.self_device_time_total)[:top_n]
     del model, opt
     torch.cuda.empty_cache()
     return {"method": method, "seq": seq, "batch": batch,
             "ms": {p: {c: round(v, 2) for c, v in sorted(d.items())} for p, d in table.items()},
-            "total_ms": round(sum(v for d in table.values() for v in d.values()), 1)}
+            "total_ms": round(sum(v for d in table.values() for v in d.values()), 1),
+            "top_ops": [{"name": a.key[:120], "ms": round(a.self_device_time_total / 1000, 2), "calls": a.count}
+                        for a in top]}
 
 
 def main() -> None:
@@ -93,8 +99,15 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--append", action="store_true", help="add to the runs already in --out")
     args = ap.parse_args()
     results = []
+    if args.append:
+        try:
+            with open(args.out) as fh:
+                results = json.load(fh)["runs"]
+        except FileNotFoundError:
+            pass
     for method in args.methods:
         results.append(profile_method(args.model_dir, method, args.seq, args.batch))
         print(json.dumps(results[-1]), flush=True)

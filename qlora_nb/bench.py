@@ -18,7 +18,8 @@ quantization_config=models.nf4_config())` + `prepare_model_for_kbit_training`; L
 weights; then `get_peft_model` with r=16 on all seven projections, gradient checkpointing
 (non-reentrant), sdpa attention, train mode, `torch.optim.AdamW`. Random token ids, no
 padding, labels = inputs. Methods: qlora (the plain path above), lora (bf16), fast
-(`qlora_nb.fast`), unsloth, liger. Writes `bench_<device>.json` and `bench_<device>.md`.
+(`qlora_nb.fast`, its defaults) and variants with one lever changed (FAST_VARIANTS; each fast
+run records its levers as `fast_path`), unsloth, liger. Writes `bench_<device>.json` and `bench_<device>.md`.
 """
 from __future__ import annotations
 
@@ -117,10 +118,17 @@ def weight_bytes(model) -> int:
 
 
 PEERS = ("unsloth", "liger")  # benchmark peers: never imported by the package outside this file's child processes
-METHODS = ("qlora", "lora", "fast", "fast_keep", "fast_compiled", *PEERS)
+FAST_VARIANTS = {  # benchmark method -> enable_fast_path keywords: one lever on or off against `fast`
+    "fast": {}, "fast_keep": {"keep_weight": True}, "fast_compiled": {"compile_layers": True},
+    "fast_eager": {"compile_layers": False}, "fast_dense_window": {"window_attention": False},
+    "fast_bnb_dequant": {"triton_dequant": False}}
+METHODS = ("qlora", "lora", *FAST_VARIANTS, *PEERS)
 METHOD_LABELS = {"qlora": "QLoRA NF4+DQ", "lora": "bf16 LoRA", "fast": "QLoRA fast path (qlora_nb.fast)",
                  "fast_keep": "fast path, dequantized weights kept for backward",
                  "fast_compiled": "fast path, decoder layers compiled",
+                 "fast_eager": "fast path, decoder layers not compiled",
+                 "fast_dense_window": "fast path, sliding window as sdpa's dense mask",
+                 "fast_bnb_dequant": "fast path, bitsandbytes' dequantization",
                  "unsloth": "Unsloth QLoRA", "liger": "QLoRA + Liger kernels"}
 
 
@@ -151,8 +159,8 @@ def load_for_bench(model_dir: str | Path, method: str, checkpointing: bool = Tru
     """The model as each method trains it: (model in train mode, weight bytes right after loading).
 
     qlora: the notebooks' plain path (NF4+DQ, prepare_model_for_kbit_training, LoRA dropout 0.05).
-    lora: bf16 base. fast: NF4+DQ + `fast.enable_fast_path` (LoRA dropout 0); fast_keep: the
-    same with keep_weight=True; fast_compiled: with compile_layers=True. liger: the plain
+    lora: bf16 base. fast: NF4+DQ + `fast.enable_fast_path` (LoRA dropout 0); fast_keep,
+    fast_compiled, fast_dense_window: the same with one lever changed (FAST_VARIANTS). liger: the plain
     path after `apply_liger_kernel_to_mistral()`. unsloth: `FastLanguageModel` in 4-bit.
     """
     import torch
@@ -187,20 +195,20 @@ def load_for_bench(model_dir: str | Path, method: str, checkpointing: bool = Tru
     elif method == "lora" and checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model.config.use_cache = False
-    fast_path = method.startswith("fast")
+    fast_path = method in FAST_VARIANTS
     lora = LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0 if fast_path else DROPOUT, bias="none",
                       task_type="CAUSAL_LM", target_modules=list(ALL_PROJECTIONS))
     model = get_peft_model(model, lora)
     if fast_path:
         fast.enable_fast_path(model, checkpointing=checkpointing, offload=checkpointing and cuda,
-                              keep_weight=method == "fast_keep", compile_layers=method == "fast_compiled")
+                              **FAST_VARIANTS[method])
     model.train()
     return model, loaded
 
 
 def step_loss(model, method: str, ids):
     """The training loss of one batch for `method` (labels = inputs): the fast path's chunked loss, else model(...).loss."""
-    if method.startswith("fast"):
+    if method in FAST_VARIANTS:
         from . import fast
         return fast.causal_lm_loss(model, ids, ids)
     return model(input_ids=ids, labels=ids).loss
@@ -279,10 +287,14 @@ def measure_group(model_dir: str | Path, cfgs: list[BenchConfig]) -> list[dict]:
     model, loaded = load_for_bench(model_dir, first.method, first.checkpointing, first.rank,
                                    seq=max(c.seq for c in cfgs))
     after_setup = torch.cuda.memory_allocated() if torch.cuda.is_available() else weight_bytes(model)
+    from .fast import levers
+
     runs = []
     for cfg in cfgs:
         try:
             runs.append(_train_steps(model, cfg, loaded, after_setup))
+            if levers(model) is not None:
+                runs[-1]["fast_path"] = levers(model)  # which levers this run had on
         except torch.OutOfMemoryError as e:  # record it and go on to the next shape
             runs.append({**dataclasses.asdict(cfg), "error": f"CUDA out of memory: {str(e).splitlines()[0][:200]}"})
         print(json.dumps(runs[-1]), flush=True)

@@ -17,11 +17,14 @@ adapter saves, merges and loads exactly as before:
   torch.compile on CUDA (eager elsewhere, in row chunks so fp32 temporaries stay small).
 * `linear_cross_entropy`: lm_head + cross-entropy in row chunks with the gradient formed in
   the forward pass, so the (tokens x vocab) logits never exist whole.
+* sliding-window attention (Mistral's config, sequences longer than the window) through
+  FlexAttention with a block mask instead of sdpa with a dense mask (`use_window_attention`).
 
 Leaves out: LoRA dropout > 0, DoRA and other LoRA variants, several active adapters, an
 adapter on lm_head, logit soft-capping (each refused with a message: use the plain path);
-multi-GPU; hand-written kernels (every op is a torch, torch.compile or bitsandbytes call).
-Opt-in and not yet measured on a GPU: `compile_layers=True` (regional torch.compile of each layer).
+multi-GPU; hand-written GEMMs (cuBLAS multiplies; the one hand-written kernel is the NF4 dequantization).
+On CUDA each checkpointed decoder layer also runs through torch.compile (regional compilation), and
+NF4 weights are dequantized by one Triton kernel (`nf4_kernel`), bit-identical to bitsandbytes'.
 Numerics: like peft in bf16, not like the fp32 residual stream of the plain path, whose
 first LoRA updates survive where bf16 rounds them (see fast_check.py, notebook 09).
 
@@ -40,6 +43,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from . import nf4_kernel
+
 IGNORE_INDEX = -100
 
 
@@ -50,9 +55,12 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     state = getattr(w, "quant_state", None)
     if state is None:
         return w if w.dtype == dtype else w.to(dtype)
-    import bitsandbytes.functional as bnbf
+    if getattr(base, "_qlora_nb_triton_dequant", False):
+        dense = nf4_kernel.dequantize_nf4(w)  # one kernel instead of bitsandbytes' two, same bits
+    else:
+        import bitsandbytes.functional as bnbf
 
-    dense = bnbf.dequantize_4bit(w.data, state)  # in the dtype the model was loaded in
+        dense = bnbf.dequantize_4bit(w.data, state)  # in the dtype the model was loaded in
     return dense if dense.dtype == dtype else dense.to(dtype)
 
 
@@ -244,6 +252,86 @@ def _is_rms_norm(m) -> bool:
 def _is_swiglu_mlp(m) -> bool:
     return (all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj"))
             and type(getattr(m, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))
+
+
+# ---------------------------------------------------------------- sliding-window attention without a dense mask
+ATTENTION_NAME = "qlora_nb_fast"  # registered with transformers' attention and mask interfaces
+
+
+def sliding_window_block_mask(seq: int, window: int, device):
+    """FlexAttention BlockMask for causal attention over the last `window` keys of each query (seq x seq).
+
+    transformers' rule: query q sees key k when q - window < k <= q. Blocks (128 x 128) that
+    lie wholly outside the band are skipped, so the work is about seq * window instead of seq^2.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def band(b, h, q, k):
+        return (k <= q) & (k > q - window)
+
+    return create_block_mask(band, B=None, H=None, Q_LEN=seq, KV_LEN=seq, device=device)
+
+
+_block_masks: dict = {}
+
+
+def _fast_attention_mask(**kw):
+    """Mask for the fast path's attention: a cached BlockMask where only a sliding window over an unpadded batch
+    without a cache needs one (sdpa would get a dense (T, T) mask and lose its flash kernel), else sdpa's own."""
+    from transformers.masking_utils import sdpa_mask
+
+    window, q_len, kv_len = kw.get("local_size"), kw["q_length"], kw["kv_length"]
+    padding = kw.get("attention_mask")
+    offset = kw.get("q_offset", 0)
+    if (window is not None and kv_len > window and q_len == kv_len and isinstance(offset, int) and offset == 0
+            and (padding is None or bool(padding.all()))):
+        key = (q_len, window, str(kw.get("device", "cpu")))
+        if key not in _block_masks:
+            _block_masks[key] = sliding_window_block_mask(q_len, window, kw.get("device", "cpu"))
+        return _block_masks[key]
+    if window is not None and kv_len <= window:
+        kw["local_size"] = None  # every key is inside the window: plain causal, so sdpa may keep is_causal (flash)
+    return sdpa_mask(**kw)
+
+
+_flex = {"fn": None}
+
+
+def _fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: FlexAttention for a BlockMask (compiled on CUDA), sdpa for everything else.
+
+    query (B, H, T, D), key / value (B, H_kv, T, D) -> ((B, T, H, D), None), as sdpa_attention_forward.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not isinstance(attention_mask, BlockMask):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout:
+        raise ValueError("attention dropout with the sliding-window kernel: set the config's attention_dropout=0")
+    fn = flex_attention
+    if query.is_cuda:
+        if _flex["fn"] is None:
+            _flex["fn"] = torch.compile(flex_attention, dynamic=False)
+        fn = _flex["fn"]
+    out = fn(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_window_attention(lm) -> bool:
+    """Switch `lm` to the fast path's attention (sdpa, or FlexAttention where a sliding window needs a mask).
+    Returns False, changing nothing, for a model without a sliding window or outside transformers' interfaces."""
+    if not getattr(lm.config, "sliding_window", None) or not hasattr(lm, "set_attn_implementation"):
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _fast_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _fast_attention_mask)
+    lm._qlora_nb_plain_attention = lm.config._attn_implementation
+    lm.set_attn_implementation(ATTENTION_NAME)
+    return True
 
 
 # ---------------------------------------------------------------- offloaded checkpoints
@@ -461,7 +549,8 @@ def check_fast_path(model) -> list:
 
 
 def enable_fast_path(model, *, checkpointing: bool | None = None, offload: bool | None = None,
-                     keep_weight: bool = False, dtype=torch.bfloat16, compile_layers: bool = False):
+                     keep_weight: bool = False, dtype=torch.bfloat16, compile_layers: bool | None = None,
+                     window_attention: bool | None = None, triton_dequant: bool | None = None):
     """Switch a peft (Q)LoRA model to the fast path in place; returns it. Undo with `disable_fast_path`.
 
     checkpointing: recompute each decoder layer in backward (default: on when on CUDA, where
@@ -469,10 +558,14 @@ def enable_fast_path(model, *, checkpointing: bool | None = None, offload: bool 
     offload: keep checkpointed layer inputs in CPU memory (default: on when on CUDA).
     keep_weight: keep each layer's dequantized weights from recompute to backward (faster, more memory).
     dtype: the compute dtype frozen fp32 tensors (norms, embeddings) are cast back to.
-    compile_layers: torch.compile each decoder layer (regional compilation: one graph per layer, the
-    4-bit dequantization included as bitsandbytes' custom op), so its small ops fuse and launch fewer
-    kernels. Tested equal to the eager fast path on the CPU; its GPU speed is not measured yet, so it
-    is off by default (the benchmark's `fast_compiled` method measures it).
+    compile_layers: torch.compile each checkpointed decoder layer (regional compilation: one graph
+    per layer, the 4-bit dequantization inside as a custom op), so its small ops (RoPE, residual
+    adds, casts) fuse and launch fewer kernels (default: on when on CUDA; the first step compiles).
+    triton_dequant: dequantize NF4 weights with `nf4_kernel` (one Triton kernel, bit-identical to
+    bitsandbytes' two; default: on when on CUDA and Triton imports).
+    window_attention: for a model with a sliding window (Mistral's config), attend through
+    FlexAttention with a block mask wherever the window cuts in (sequences longer than it), instead
+    of sdpa with a dense (T, T) mask that rules out its flash kernel (default: on when on CUDA).
 
     With checkpointing, gradient checkpointing is switched on (our offloading kind); do not also pass
     `gradient_checkpointing=True` to a Trainer, which would replace it with torch's.
@@ -483,8 +576,14 @@ def enable_fast_path(model, *, checkpointing: bool | None = None, offload: bool 
     models.plain_4bit_kernels(model)
     lm = causal_lm(model)
     cast_frozen_fp32(model, dtype)
+    cuda = next(model.parameters()).is_cuda
+    n_triton = 0
     for _, m in layers:
         m._qlora_nb_keep_weight = keep_weight
+        base = m.get_base_layer()
+        base._qlora_nb_triton_dequant = bool(
+            (cuda if triton_dequant is None else triton_dequant) and nf4_kernel.supports(base.weight))
+        n_triton += base._qlora_nb_triton_dequant
         _patch(m, _fast_lora_forward)
     norms = [m for m in lm.modules() if _is_rms_norm(m)]
     mlps = [m for m in lm.modules() if _is_swiglu_mlp(m)]
@@ -492,7 +591,10 @@ def enable_fast_path(model, *, checkpointing: bool | None = None, offload: bool 
         _patch(m, _fast_norm_forward)
     for m in mlps:
         _patch(m, _fast_mlp_forward)
-    cuda = next(model.parameters()).is_cuda
+    if window_attention and not cuda:
+        raise ValueError("window_attention=True needs a CUDA model: torch has no FlexAttention backward on the CPU "
+                         "(leave it None there, which keeps sdpa)")
+    window = use_window_attention(lm) if (cuda if window_attention is None else window_attention) else False
     checkpointing = cuda if checkpointing is None else checkpointing
     offload = checkpointing and (cuda if offload is None else offload)
     n = 0
@@ -501,6 +603,7 @@ def enable_fast_path(model, *, checkpointing: bool | None = None, offload: bool 
         lm.enable_input_require_grads()  # our checkpoint is reentrant-style: layer 0's input must require grad
         from transformers.modeling_layers import GradientCheckpointingLayer
 
+        compile_layers = cuda if compile_layers is None else compile_layers
         func = checkpoint_function(offload, compile_layers)
         for module in lm.modules():
             if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
@@ -509,8 +612,19 @@ def enable_fast_path(model, *, checkpointing: bool | None = None, offload: bool 
     lm.config.use_cache = False
     model._qlora_nb_fast = {"lora_layers": len(layers), "checkpointed_layers": n, "rms_norms": len(norms),
                             "swiglu_mlps": len(mlps), "offload": offload, "keep_weight": keep_weight,
-                            "compiled_layers": n if compile_layers else 0}
+                            "compiled_layers": n if compile_layers else 0, "window_attention": window,
+                            "triton_dequant_layers": n_triton}
     return model
+
+
+def levers(model) -> dict | None:
+    """Which levers of the fast path are on in `model` (what a benchmark record should say), or None without it."""
+    info = getattr(model, "_qlora_nb_fast", None)
+    if not info:
+        return None
+    return {"compile_layers": info["compiled_layers"] > 0, "window_attention": info["window_attention"],
+            "triton_dequant": info["triton_dequant_layers"] > 0, "keep_weight": info["keep_weight"],
+            "offload": info["offload"]}
 
 
 def disable_fast_path(model):
@@ -519,6 +633,9 @@ def disable_fast_path(model):
         if "forward" in m.__dict__ and hasattr(m, "_qlora_nb_plain_forward"):
             del m.forward
     lm = causal_lm(model)
+    plain_attention = lm.__dict__.pop("_qlora_nb_plain_attention", None)
+    if plain_attention is not None:
+        lm.set_attn_implementation(plain_attention)
     if (getattr(model, "_qlora_nb_fast", None) or {}).get("checkpointed_layers"):
         # our offloading checkpoint goes; torch's takes its place (a model without checkpointing stays without)
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -77,6 +77,9 @@ def test_fast_method_runs_in_the_benchmark_and_peers_say_when_missing(tmp_path, 
     for r in fast_runs:
         assert "error" not in r, r.get("error")
         assert r["tokens_per_second"] > 0 and r["loss_finite"] and len(r["losses"]) == 1
+        # the record says which levers ran: on the CPU, none of the CUDA-only ones
+        assert r["fast_path"] == {"compile_layers": False, "window_attention": False, "triton_dequant": False,
+                                  "keep_weight": False, "offload": False}
     (peer,) = [r for r in result["runs"] if r["method"] == "unsloth"]
     assert peer.get("not_installed") and "build-site.sh peers" in peer["error"]
     table = (tmp_path / "bench_cpu.md").read_text()
@@ -133,3 +136,15 @@ def test_recorded_result_loaders_name_the_script_when_the_file_is_missing(tmp_pa
         bench.load_finetune_smoke(tmp_path / "none.json")
     with pytest.raises(FileNotFoundError, match="gpu_latency.py"):
         bench.load_gpu_latency(tmp_path / "none.json")
+
+
+def test_each_fast_variant_switches_a_real_lever():
+    import inspect
+
+    from qlora_nb import fast
+
+    params = inspect.signature(fast.enable_fast_path).parameters
+    assert bench.FAST_VARIANTS["fast"] == {}
+    for method, kwargs in bench.FAST_VARIANTS.items():
+        assert set(kwargs) <= set(params), (method, kwargs)
+        assert method in bench.METHODS and method in bench.METHOD_LABELS

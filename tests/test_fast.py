@@ -106,6 +106,27 @@ def test_lora_linear_equals_peft_layer_on_nf4(device, keep_weight):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_nf4_dequant_is_bit_identical_to_bitsandbytes(device, nested, dtype):
+    """One Triton kernel (interpreted on the CPU) against bitsandbytes' dequantize_4bit, double quantization on and off;
+    19,200 weights, so the last program is partial and the masks are exercised."""
+    import bitsandbytes.functional as bnbf
+
+    from qlora_nb import nf4_kernel
+
+    g = torch.Generator().manual_seed(0)
+    dense = (torch.randn(96, 200, generator=g) * 0.02).to(device, dtype)
+    packed, state = bnbf.quantize_4bit(dense, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    weight = torch.nn.Parameter(packed, requires_grad=False)
+    weight.quant_state = state
+    ours, theirs = nf4_kernel.dequantize_nf4(weight), bnbf.dequantize_4bit(packed, state)
+    assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape == dense.shape
+    assert torch.equal(ours, theirs)
+    assert nf4_kernel.supports(weight) == (device == "cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fast_model_loss_and_gradients_equal_plain(device):
     plain = _peft(_tiny_4bit(torch.float32, device))
     quick = fast.enable_fast_path(_peft(_tiny_4bit(torch.float32, device)), checkpointing=True, dtype=torch.float32)
@@ -113,6 +134,8 @@ def test_fast_model_loss_and_gradients_equal_plain(device):
     n_layers = plain.config.num_hidden_layers
     assert quick._qlora_nb_fast["lora_layers"] == 7 * n_layers and quick._qlora_nb_fast["swiglu_mlps"] == n_layers
     assert quick._qlora_nb_fast["rms_norms"] == 2 * n_layers + 1
+    assert quick._qlora_nb_fast["triton_dequant_layers"] == (7 * n_layers if device == "cuda" else 0)
+    assert quick._qlora_nb_fast["compiled_layers"] == (n_layers if device == "cuda" else 0)
     ids, labels = _batch(plain.config.vocab_size, device)
     ref = plain(input_ids=ids, labels=labels).loss
     ref.backward()
@@ -274,3 +297,41 @@ def test_loss_match_trains_both_paths_on_the_same_batches():
     assert match["max_relative_difference"] < 0.01
     assert match["max_relative_difference"] == max(abs(a - b) / a for a, b in zip(match["plain_bf16"], match["fast"]))
     assert match["max_relative_difference_vs_fp32"] == max(abs(a - b) / a for a, b in zip(match["plain"], match["fast"]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_attention_equals_the_dense_sliding_window_mask(device):
+    """FlexAttention with a block mask attends where sdpa's dense sliding-window mask does: same loss, and on
+    CUDA the same LoRA gradients (torch has no FlexAttention backward on the CPU, so the fast path keeps sdpa there)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def windowed(window=8):
+        m = _tiny_4bit(torch.float32, device)
+        m.config.sliding_window = window  # shorter than the batch's 24 tokens, so the window cuts in
+        return _peft(m)
+
+    plain = windowed()
+    quick = fast.enable_fast_path(windowed(), checkpointing=True, dtype=torch.float32)
+    assert quick._qlora_nb_fast["window_attention"] == (device == "cuda")
+    if device == "cpu":
+        with pytest.raises(ValueError, match="CPU"):
+            fast.enable_fast_path(windowed(), window_attention=True)
+        assert fast.use_window_attention(fast.causal_lm(quick))  # forward only, to compare below
+    assert isinstance(fast._fast_attention_mask(batch_size=2, q_length=24, kv_length=24, local_size=8,
+                                                device=device), BlockMask)
+    assert fast._fast_attention_mask(batch_size=2, q_length=8, kv_length=8, local_size=8, device=device) is None
+    ids, labels = _batch(plain.config.vocab_size, device)
+    with torch.set_grad_enabled(device == "cuda"):
+        ref = plain(input_ids=ids, labels=labels).loss
+        ours = fast.causal_lm_loss(quick, ids, labels)
+        no_window = windowed(window=4096)(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert abs(no_window.item() - ref.item()) > 1e-3  # the window changes the loss, so the test can tell them apart
+    if device == "cuda":
+        ref.backward()
+        ours.backward()
+        g_ref, g_ours = _lora_grads(plain), _lora_grads(quick)
+        for n in g_ref:
+            torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    fast.disable_fast_path(quick)
+    assert quick.config._attn_implementation == "sdpa"
