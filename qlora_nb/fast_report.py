@@ -5,13 +5,18 @@ produce the JSON on a GPU) and the fast path itself (fast.py). Everything here r
 a GPU, so notebook 09 renders anywhere.
 
 Files (each written by one device run; see data/bench/fast/README.md):
-* bench_fast_cuda.json: the side-by-side run: plain, fast and Unsloth at four shapes, one run.
-* bench_fast_first_cuda.json, bench_fast_eager_cuda.json: earlier runs, one lever fewer each.
-* profile_step_2048x1.json: GPU kernel time of one step by category, plain vs fast.
-* bench_fast_liger_h200_cuda.json (name "liger_h200"): plain, plain + Liger Kernel, fast and Unsloth at
-  2048x1 and 8192x1, one run on an H200 (a different GPU: compare its ratios, not its tokens/s, with the H100's).
+* bench_fast_h200_cuda.json (name "h200"): the side-by-side run of today's fast path: plain, fast and
+  Unsloth at four shapes, one run on an H200.
+* bench_fast_window_h200_cuda.json, bench_fast_dequant_h200_cuda.json ("window_h200", "dequant_h200"):
+  H200 runs that switch one of the last three levers off beside it (LEVER_PAIRS).
+* bench_fast_cuda.json ("final"): the side-by-side run of the fast path as first built, on an H100.
+* bench_fast_first_cuda.json, bench_fast_eager_cuda.json: earlier H100 runs, one lever fewer each.
+* profile_step_2048x1.json: GPU kernel time of one step by category, plain vs fast (H100).
+* bench_fast_liger_h200_cuda.json (name "liger_h200"): plain, plain + Liger Kernel, fast (as of that day) and
+  Unsloth at 2048x1 and 8192x1, one run on an H200.
+Compare tokens/s only within one run; across runs and GPUs compare ratios.
 
->>> rows = side_by_side(load_run("final"))
+>>> rows = side_by_side(load_run("h200"))
 >>> [r["shape"] for r in rows]
 ['512x4', '2048x1', '2048x4', '8192x1']
 >>> [r["shape"] for r in side_by_side(load_run("liger_h200"))]
@@ -30,7 +35,27 @@ LABELS = {"qlora": "plain path", "liger": "plain path + Liger", "fast": "fast pa
 RATIOS = (("liger_over_plain", "liger", "qlora"), ("fast_over_plain", "fast", "qlora"),
           ("fast_over_liger", "fast", "liger"), ("fast_over_unsloth", "fast", "unsloth"))
 H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM5 datasheet: bf16 tensor-core peak without sparsity
+BF16_DENSE_TFLOPS = {"H100": H100_BF16_DENSE_TFLOPS, "H200": 989.4}  # H200: the same GH100 compute, faster memory
 GIB = 2**30
+# (lever, its key in a run's "fast_path" record, shape, run, method without it, method with it): the last three
+# levers, each switched off beside the fast path in one run
+LEVER_PAIRS = (("FlexAttention for the sliding window", "window_attention", "8192x1", "window_h200",
+                "fast_dense_window", "fast"),
+               ("compiled decoder layers", "compile_layers", "2048x4", "window_h200", "fast", "fast_compiled"),
+               ("compiled decoder layers", "compile_layers", "8192x1", "window_h200", "fast", "fast_compiled"),
+               ("Triton NF4 dequantization", "triton_dequant", "2048x1", "dequant_h200", "fast_bnb_dequant", "fast"),
+               ("Triton NF4 dequantization", "triton_dequant", "2048x4", "dequant_h200", "fast_bnb_dequant", "fast"))
+# the fast path built up on the H200, per shape: (label, run, method); the last step is today's fast path
+H200_STEPS = {
+    "2048x4": (("plain path", "h200", "qlora"),
+               ("fast path, eager layers, bitsandbytes dequantization", "window_h200", "fast"),
+               ("+ compiled decoder layers", "window_h200", "fast_compiled"),
+               ("+ Triton NF4 dequantization: today's fast path", "h200", "fast")),
+    "8192x1": (("plain path", "h200", "qlora"),
+               ("fast path, eager layers, sliding window as sdpa's dense mask", "window_h200", "fast_dense_window"),
+               ("+ FlexAttention for the sliding window", "window_h200", "fast"),
+               ("+ compiled decoder layers", "window_h200", "fast_compiled"),
+               ("+ Triton NF4 dequantization: today's fast path", "h200", "fast"))}
 
 
 def load_run(name: str = "final") -> dict:
@@ -44,9 +69,13 @@ def load_run(name: str = "final") -> dict:
     return recorded_json(f"bench/fast/{file}", "bash benchmarks/fast_bench.sh (see data/bench/fast/README.md)")
 
 
-def load_profile() -> dict:
-    """The per-category GPU kernel time of one step (benchmarks/profile_step.py), plain and fast."""
-    return recorded_json("bench/fast/profile_step_2048x1.json", 'PROFILE="fast qlora" bash benchmarks/fast_bench.sh')
+PROFILES = {"h100": "profile_step_2048x1.json", "h200": "profile_step_2048x4_h200.json"}
+
+
+def load_profile(name: str = "h100") -> dict:
+    """The per-category GPU kernel time of one step (benchmarks/profile_step.py): "h100", plain and fast (eager
+    norms) at 2048x1; "h200", fast (eager layers) and Unsloth at 2048x4, with each method's largest ops."""
+    return recorded_json(f"bench/fast/{PROFILES[name]}", 'PROFILE="fast qlora" bash benchmarks/fast_bench.sh')
 
 
 def run_of(result: dict, method: str, shape: str) -> dict | None:
@@ -105,15 +134,15 @@ def side_by_side(result: dict, methods=None, shapes=None) -> list[dict]:
 def milestones(result: dict, bf16_lora: dict | None = None) -> dict[str, bool]:
     """The issue's three milestones, judged on one run (bf16 LoRA from `bf16_lora`, a run that has it).
 
-    1: bf16-LoRA speed at 2048x4 at no more than the plain path's peak;
+    1: bf16-LoRA speed at 2048x4 at no more than the plain path's peak (None: no bf16 LoRA run to judge by);
     2: at least 2x the plain path at all four shapes;
     3: Unsloth's tokens/s at 2048x4 and 8192x1, at no more than its peak memory.
     """
     rows = {r["shape"]: r for r in side_by_side(result, ("qlora", "fast", "unsloth"), SHAPES)}
     lora = run_of(bf16_lora or result, "lora", "2048x4")
     fast, plain = run_of(result, "fast", "2048x4"), run_of(result, "qlora", "2048x4")
-    m1 = bool(lora and fast and plain and fast["tokens_per_second"] >= lora["tokens_per_second"]
-              and fast["peak_allocated_bytes"] <= plain["peak_allocated_bytes"])
+    m1 = None if lora is None else bool(fast and plain and fast["tokens_per_second"] >= lora["tokens_per_second"]
+                                        and fast["peak_allocated_bytes"] <= plain["peak_allocated_bytes"])
     m2 = all((rows[s].get("fast_over_plain") or 0) >= 2 for s in SHAPES)
     m3 = all((rows[s].get("fast_over_unsloth") or 0) >= 1 and rows[s].get("fast_memory_le_unsloth")
              for s in ("2048x4", "8192x1"))
@@ -121,19 +150,62 @@ def milestones(result: dict, bf16_lora: dict | None = None) -> dict[str, bool]:
             "3: >= Unsloth at 2048x4 and 8192x1, <= its memory": m3}
 
 
-def lever_steps(shape: str = "2048x4") -> list[dict]:
-    """The fast path built up lever by lever at one shape: label, tokens/s, peak GiB, and which run measured it."""
-    final, first, eager = load_run("final"), load_run("first"), load_run("eager")
-    steps = [("plain path: prepare_model_for_kbit_training + peft + bitsandbytes", final, "qlora"),
-             ("+ bf16 residual, fused NF4+LoRA linear, offloaded checkpoints, chunked CE", first, "fast"),
-             ("+ RMSNorm / SwiGLU backwards that recompute, eager (fp32 temporaries)", eager, "fast"),
-             ("+ the same, fused by torch.compile", final, "fast")]
+H100_STEPS = (("plain path: prepare_model_for_kbit_training + peft + bitsandbytes", "final", "qlora"),
+              ("+ bf16 residual, fused NF4+LoRA linear, offloaded checkpoints, chunked CE", "first", "fast"),
+              ("+ RMSNorm / SwiGLU backwards that recompute, eager (fp32 temporaries)", "eager", "fast"),
+              ("+ the same, fused by torch.compile", "final", "fast"))
+
+
+def lever_steps(shape: str = "2048x4", gpu: str = "H100") -> list[dict]:
+    """The fast path built up lever by lever at one shape: label, tokens/s, peak GiB, and which run measured it.
+
+    gpu="H100": the first levers, as they were built (any of the four shapes); gpu="H200": from the plain
+    path to today's fast path through the last three levers (H200_STEPS: 2048x4 or 8192x1).
+    """
+    steps = H100_STEPS if gpu == "H100" else H200_STEPS[shape]
+    runs = {name: load_run(name) for name in {run for _, run, _ in steps}}
     out = []
-    for label, result, method in steps:
-        r = run_of(result, method, shape)
+    for label, name, method in steps:
+        r = run_of(runs[name], method, shape)
         out.append({"step": label, "tokens_per_second": r["tokens_per_second"],
-                    "peak_gib": r["peak_allocated_bytes"] / GIB, "run": result["environment"]["date"]})
+                    "peak_gib": r["peak_allocated_bytes"] / GIB, "run": runs[name]["environment"]["date"]})
     return out
+
+
+def lever_effects(pairs=LEVER_PAIRS) -> list[dict]:
+    """Each lever switched off beside the fast path in one run: lever, shape, run date, tokens/s and peak GiB
+    without and with it, and 'speedup' (with / without), from LEVER_PAIRS. Raises ValueError when the two
+    runs' "fast_path" records do not differ in exactly that lever."""
+    out = []
+    for lever, key, shape, name, off, on in pairs:
+        result = load_run(name)
+        a, b = run_of(result, off, shape), run_of(result, on, shape)
+        changed = {k for k in a["fast_path"] if a["fast_path"][k] != b["fast_path"][k]}
+        if changed != {key} or not b["fast_path"][key]:
+            raise ValueError(f"{name} {shape}: {off} and {on} differ in {sorted(changed)}, not just {key} switched on")
+        out.append({"lever": lever, "shape": shape, "run": result["environment"]["date"],
+                    "without_tok_s": a["tokens_per_second"], "with_tok_s": b["tokens_per_second"],
+                    "without_peak_gib": a["peak_allocated_bytes"] / GIB, "with_peak_gib": b["peak_allocated_bytes"] / GIB,
+                    "speedup": b["tokens_per_second"] / a["tokens_per_second"]})
+    return out
+
+
+def recorded_loss_match(result: dict, shapes=SHAPES) -> dict[str, float]:
+    """Per shape, the largest relative difference between the fast and the plain path's losses over the recorded steps
+    (warm-up included: both saw the same random batches from the same LoRA initialization)."""
+    out = {}
+    for shape in shapes:
+        plain, quick = run_of(result, "qlora", shape), run_of(result, "fast", shape)
+        out[shape] = max(abs(a - b) / a for a, b in zip(plain["losses"], quick["losses"]))
+    return out
+
+
+def peak_tflops(gpu_name: str) -> float:
+    """The bf16 dense tensor-core peak (TFLOP/s) of an H100 or H200, from the device name a run recorded."""
+    for kind, tflops in BF16_DENSE_TFLOPS.items():
+        if kind in gpu_name:
+            return tflops
+    raise ValueError(f"no bf16 peak recorded for {gpu_name!r}: add it to fast_report.BF16_DENSE_TFLOPS")
 
 
 def achieved_tflops(tokens_per_second: float, seq: int, peak: float = H100_BF16_DENSE_TFLOPS) -> tuple[float, float]:

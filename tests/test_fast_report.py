@@ -6,10 +6,11 @@ import pytest
 from qlora_nb import fast_report, memory
 
 
-def test_recorded_side_by_side_run_is_complete_and_from_one_run():
-    final = fast_report.load_run("final")
+@pytest.mark.parametrize("name, gpu", [("final", "H100"), ("h200", "H200")])
+def test_recorded_side_by_side_run_is_complete_and_from_one_run(name, gpu):
+    final = fast_report.load_run(name)
     env = final["environment"]
-    assert "H100" in env["gpu"] and env["versions"]["bitsandbytes"] != "missing"
+    assert gpu in env["gpu"] and env["versions"]["bitsandbytes"] != "missing"
     for method in ("qlora", "fast", "unsloth"):
         for shape in fast_report.SHAPES:
             run = fast_report.run_of(final, method, shape)
@@ -20,8 +21,9 @@ def test_recorded_side_by_side_run_is_complete_and_from_one_run():
             assert run["tokens_per_second"] == pytest.approx(run["seq"] * run["batch"] / s["median"])
 
 
-def test_side_by_side_ratios_follow_from_the_runs():
-    final = fast_report.load_run("final")
+@pytest.mark.parametrize("name", ["final", "h200"])
+def test_side_by_side_ratios_follow_from_the_runs(name):
+    final = fast_report.load_run(name)
     for row in fast_report.side_by_side(final):
         plain, quick, peer = (fast_report.run_of(final, m, row["shape"]) for m in ("qlora", "fast", "unsloth"))
         assert row["fast_over_plain"] == pytest.approx(quick["tokens_per_second"] / plain["tokens_per_second"])
@@ -127,3 +129,51 @@ def test_side_by_side_on_a_made_up_run():
     only = fast_report.side_by_side(made_up, methods=("qlora", "liger"), shapes=["8192x1"])
     assert only == [{"shape": "8192x1", "qlora_tok_s": 1000.0, "qlora_peak_gib": 14.0, "liger_tok_s": 1250.0,
                      "liger_peak_gib": 12.0, "liger_over_plain": 1.25}]
+
+
+def test_todays_fast_path_runs_with_every_lever_on():
+    for r in fast_report.load_run("h200")["runs"]:
+        if r["method"] == "fast":
+            assert r["fast_path"] == {"compile_layers": True, "window_attention": True, "triton_dequant": True,
+                                      "keep_weight": False, "offload": True}
+
+
+def test_lever_effects_follow_from_one_run_each():
+    effects = fast_report.lever_effects()
+    assert len(effects) == len(fast_report.LEVER_PAIRS)
+    for e, (lever, key, shape, name, off, on) in zip(effects, fast_report.LEVER_PAIRS):
+        run = fast_report.load_run(name)
+        a, b = fast_report.run_of(run, off, shape), fast_report.run_of(run, on, shape)
+        assert e["speedup"] == pytest.approx(b["tokens_per_second"] / a["tokens_per_second"])
+        assert e["with_peak_gib"] == pytest.approx(b["peak_allocated_bytes"] / 2**30)
+    # a pair whose records differ in another lever too is refused, not reported as this lever's effect
+    lever, key, shape, name, off, on = fast_report.LEVER_PAIRS[1]  # eager vs compiled layers
+    with pytest.raises(ValueError, match="not just"):
+        fast_report.lever_effects([(lever, key, "8192x1", name, "fast_dense_window", "fast_compiled")])
+
+
+def test_h200_lever_steps_end_at_todays_fast_path():
+    h200 = fast_report.load_run("h200")
+    for shape, steps in fast_report.H200_STEPS.items():
+        built = fast_report.lever_steps(shape, gpu="H200")
+        assert len(built) == len(steps)
+        assert built[0]["tokens_per_second"] == fast_report.run_of(h200, "qlora", shape)["tokens_per_second"]
+        assert built[-1]["tokens_per_second"] == fast_report.run_of(h200, "fast", shape)["tokens_per_second"]
+
+
+def test_recorded_loss_match_is_computed_from_both_paths_losses():
+    h200 = fast_report.load_run("h200")
+    match = fast_report.recorded_loss_match(h200)
+    for shape, rel in match.items():
+        plain, quick = (fast_report.run_of(h200, m, shape)["losses"] for m in ("qlora", "fast"))
+        assert len(plain) == len(quick) >= 13
+        assert rel == max(abs(a - b) / a for a, b in zip(plain, quick))
+
+
+def test_milestone_one_needs_a_bf16_lora_run():
+    h200 = fast_report.load_run("h200")
+    assert fast_report.run_of(h200, "lora", "2048x4") is None
+    assert fast_report.milestones(h200)["1: bf16-LoRA speed at <= plain peak"] is None
+    assert fast_report.peak_tflops(h200["environment"]["gpu"]) == fast_report.BF16_DENSE_TFLOPS["H200"]
+    with pytest.raises(ValueError, match="BF16_DENSE_TFLOPS"):
+        fast_report.peak_tflops("NVIDIA A100")
