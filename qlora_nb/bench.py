@@ -293,8 +293,9 @@ def measure_group(model_dir: str | Path, cfgs: list[BenchConfig]) -> list[dict]:
     for cfg in cfgs:
         try:
             runs.append(_train_steps(model, cfg, loaded, after_setup))
-            if levers(model) is not None:
-                runs[-1]["fast_path"] = levers(model)  # which levers this run had on
+            on = levers(model)
+            if on is not None:
+                runs[-1]["fast_path"] = on  # which levers this run had on
         except torch.OutOfMemoryError as e:  # record it and go on to the next shape
             runs.append({**dataclasses.asdict(cfg), "error": f"CUDA out of memory: {str(e).splitlines()[0][:200]}"})
         print(json.dumps(runs[-1]), flush=True)

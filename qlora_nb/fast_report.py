@@ -176,9 +176,10 @@ def lever_effects(pairs=LEVER_PAIRS) -> list[dict]:
     """Each lever switched off beside the fast path in one run: lever, shape, run date, tokens/s and peak GiB
     without and with it, and 'speedup' (with / without), from LEVER_PAIRS. Raises ValueError when the two
     runs' "fast_path" records do not differ in exactly that lever."""
+    runs = {name: load_run(name) for name in {p[3] for p in pairs}}
     out = []
     for lever, key, shape, name, off, on in pairs:
-        result = load_run(name)
+        result = runs[name]
         a, b = run_of(result, off, shape), run_of(result, on, shape)
         changed = {k for k in a["fast_path"] if a["fast_path"][k] != b["fast_path"][k]}
         if changed != {key} or not b["fast_path"][key]:

@@ -4,8 +4,8 @@ bitsandbytes' `dequantize_4bit` runs two kernels for a double-quantized weight: 
 absmax codes back to fp32 (plus the offset), then the 4-bit codes times their block's absmax.
 Here each program reads packed bytes and their absmax codes and writes the 16-bit weight at
 once, with the same fp32 arithmetic in the same order (no fused multiply-add), so the result
-is bit-identical to bitsandbytes' (tests/test_fast.py checks it on the GPU, and on the CPU
-under Triton's interpreter, TRITON_INTERPRET=1).
+is bit-identical to bitsandbytes' (tests/test_fast.py checks it on the GPU, and on the CPU, where
+CPU tensors run through Triton's interpreter).
 
 Leaves out: FP4, blocksizes bitsandbytes never pairs with a nested 256-block absmax other
 than its own, and fusing the dequantization into the matmul (cuBLAS runs the matmul).
@@ -22,7 +22,6 @@ import functools
 import os
 
 import torch
-
 
 try:
     import triton
@@ -69,7 +68,6 @@ def _nf4_dequant(packed, codes, absmax, code2, absmax2, offset, out, n_bytes,
     tl.store(out + j, v.to(out.dtype.element_ty), mask=j < 2 * n_bytes)
 
 
-
 @functools.cache
 def _kernel(interpret: bool):
     """The jitted kernel, one per mode: Triton decides when decorating whether to interpret it (CPU tensors) or
@@ -95,9 +93,10 @@ def _dequantize_nf4_op(packed: torch.Tensor, code: torch.Tensor, absmax: torch.T
     out = torch.empty((rows, cols), dtype=dtype, device=packed.device)
     n_bytes = packed.numel()
     grid = (-(-n_bytes // BYTES_PER_PROGRAM),)
-    _kernel(not packed.is_cuda)[grid](packed, code, absmax, code2, absmax2, offset, out, n_bytes,
-                    BYTES=BYTES_PER_PROGRAM, BLOCK=blocksize, BLOCK2=blocksize2, NESTED=nested,
-                    ROUND_BF16=dtype == torch.bfloat16, enable_fp_fusion=False)  # mul, then add, each rounded, as bitsandbytes' two kernels do
+    kernel = _kernel(not packed.is_cuda)
+    kernel[grid](packed, code, absmax, code2, absmax2, offset, out, n_bytes, BYTES=BYTES_PER_PROGRAM, BLOCK=blocksize,
+                 BLOCK2=blocksize2, NESTED=nested, ROUND_BF16=dtype == torch.bfloat16,
+                 enable_fp_fusion=False)  # mul, then add, each rounded, as bitsandbytes' two kernels do
     return out
 
 
