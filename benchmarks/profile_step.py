@@ -5,7 +5,9 @@ Leaves out: memory (qlora_nb.bench, peak_trace.py). Loads the model the way
 torch.profiler and sums the CUDA kernel time each op launched, sorted into categories by the
 names of the op and its callers: NF4 dequantization, matmuls, attention, cross-entropy,
 optimizer, copies, and the rest (norms, RoPE, activations, casts). Phase = forward, backward
-(which includes the checkpoint recompute) or optimizer, by when the op started.
+(which includes the checkpoint recompute) or optimizer, by when the op started. It also records the
+median wall time of three unprofiled steps (wall_ms) and the GPU's busy time in the profiled one
+(gpu_busy_ms, the union of its kernels): where wall_ms is well above gpu_busy_ms, the host sets the pace.
 
     python benchmarks/profile_step.py --model-dir /tmp/m7b --methods qlora fast --seq 2048 --batch 1 --out prof.json
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
+import time
 
 import torch
 
@@ -25,6 +29,20 @@ CATEGORIES = [  # first match wins; tested against the op name and its parents' 
     ("matmul", re.compile(r"aten::(mm|addmm|bmm|matmul|linear|baddbmm)$", re.I)),
     ("copy", re.compile(r"aten::(copy_|_to_copy|to)$|Memcpy", re.I)),
 ]
+
+
+def busy_ms(intervals) -> float:
+    """Milliseconds during which at least one of the (start, end) intervals (microseconds) runs: their union.
+
+    >>> busy_ms([(0, 1000), (500, 2000), (3000, 3500)])
+    2.5
+    """
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1000
 
 
 def category(event) -> str:
@@ -65,6 +83,12 @@ def profile_method(model_dir: str, method: str, seq: int, batch: int, top_n: int
     for _ in range(2):
         step()
     torch.cuda.synchronize()
+    walls = []
+    for _ in range(3):  # unprofiled, so the host's share of the step shows against gpu_busy_ms
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - t0) * 1000)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
@@ -83,11 +107,14 @@ def profile_method(model_dir: str, method: str, seq: int, batch: int, top_n: int
     top = sorted((a for a in prof.key_averages()
                   if getattr(a, "self_device_time_total", 0) > 0 and not a.key.startswith("phase:")),
                  key=lambda a: -a.self_device_time_total)[:top_n]
+    kernels = [(e.time_range.start, e.time_range.end) for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
     del model, opt
     torch.cuda.empty_cache()
     return {"method": method, "seq": seq, "batch": batch,
             "ms": {p: {c: round(v, 2) for c, v in sorted(d.items())} for p, d in table.items()},
             "total_ms": round(sum(v for d in table.values() for v in d.values()), 1),
+            "wall_ms": round(statistics.median(walls), 1), "gpu_busy_ms": round(busy_ms(kernels), 1),
             "top_ops": [{"name": a.key[:120], "ms": round(a.self_device_time_total / 1000, 2), "calls": a.count}
                         for a in top]}
 

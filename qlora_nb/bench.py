@@ -121,7 +121,8 @@ PEERS = ("unsloth", "liger")  # benchmark peers: never imported by the package o
 FAST_VARIANTS = {  # benchmark method -> enable_fast_path keywords: one lever on or off against `fast`
     "fast": {}, "fast_keep": {"keep_weight": True}, "fast_compiled": {"compile_layers": True},
     "fast_eager": {"compile_layers": False}, "fast_dense_window": {"window_attention": False},
-    "fast_bnb_dequant": {"triton_dequant": False}}
+    "fast_bnb_dequant": {"triton_dequant": False},
+    "fast_full_recompute": {"lean_recompute": False}}
 METHODS = ("qlora", "lora", *FAST_VARIANTS, *PEERS)
 METHOD_LABELS = {"qlora": "QLoRA NF4+DQ", "lora": "bf16 LoRA", "fast": "QLoRA fast path (qlora_nb.fast)",
                  "fast_keep": "fast path, dequantized weights kept for backward",
@@ -129,6 +130,7 @@ METHOD_LABELS = {"qlora": "QLoRA NF4+DQ", "lora": "bf16 LoRA", "fast": "QLoRA fa
                  "fast_eager": "fast path, decoder layers not compiled",
                  "fast_dense_window": "fast path, sliding window as sdpa's dense mask",
                  "fast_bnb_dequant": "fast path, bitsandbytes' dequantization",
+                 "fast_full_recompute": "fast path, recompute forms down_proj's output too",
                  "unsloth": "Unsloth QLoRA", "liger": "QLoRA + Liger kernels"}
 
 
@@ -160,7 +162,7 @@ def load_for_bench(model_dir: str | Path, method: str, checkpointing: bool = Tru
 
     qlora: the notebooks' plain path (NF4+DQ, prepare_model_for_kbit_training, LoRA dropout 0.05).
     lora: bf16 base. fast: NF4+DQ + `fast.enable_fast_path` (LoRA dropout 0); fast_keep,
-    fast_compiled, fast_dense_window: the same with one lever changed (FAST_VARIANTS). liger: the plain
+    fast_compiled, fast_dense_window, fast_full_recompute, ...: the same with one lever changed (FAST_VARIANTS). liger: the plain
     path after `apply_liger_kernel_to_mistral()`. unsloth: `FastLanguageModel` in 4-bit.
     """
     import torch

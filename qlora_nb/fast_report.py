@@ -6,12 +6,18 @@ a GPU, so notebook 09 renders anywhere.
 
 Files (each written by one device run; see data/bench/fast/README.md):
 * bench_fast_h200_cuda.json (name "h200"): the side-by-side run of today's fast path: plain, fast and
-  Unsloth at four shapes, one run on an H200.
-* bench_fast_window_h200_cuda.json, bench_fast_dequant_h200_cuda.json ("window_h200", "dequant_h200"):
-  H200 runs that switch one of the last three levers off beside it (LEVER_PAIRS).
+  Unsloth at four shapes, 20 steps each, one run on an H200.
+* bench_fast_window_h200_cuda.json, bench_fast_dequant_h200_cuda.json, bench_fast_lean_h200_cuda.json
+  ("window_h200", "dequant_h200", "lean_h200"): H200 runs that switch one of the last four levers off
+  beside it (LEVER_PAIRS).
+* bench_fast_before_lean_h200_cuda.json ("before_lean_h200"): the side-by-side run before lean recompute.
+* bench_fast_lean_first_h200_cuda.json ("lean_first_h200"): lean recompute as first written, whose compiled
+  graph moved the MLP into backward and raised the peak (kept as the measurement behind that finding).
 * bench_fast_cuda.json ("final"): the side-by-side run of the fast path as first built, on an H100.
 * bench_fast_first_cuda.json, bench_fast_eager_cuda.json: earlier H100 runs, one lever fewer each.
 * profile_step_2048x1.json: GPU kernel time of one step by category, plain vs fast (H100).
+* profile_step_2048x4_h200.json, profile_step_2048x1_h200.json: the same for fast and Unsloth on an H200;
+  the 2048x1 one also holds each step's wall time and GPU busy time (is the short step host-bound?).
 * bench_fast_liger_h200_cuda.json (name "liger_h200"): plain, plain + Liger Kernel, fast (as of that day) and
   Unsloth at 2048x1 and 8192x1, one run on an H200.
 Compare tokens/s only within one run; across runs and GPUs compare ratios.
@@ -37,25 +43,29 @@ RATIOS = (("liger_over_plain", "liger", "qlora"), ("fast_over_plain", "fast", "q
 H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM5 datasheet: bf16 tensor-core peak without sparsity
 BF16_DENSE_TFLOPS = {"H100": H100_BF16_DENSE_TFLOPS, "H200": 989.4}  # H200: the same GH100 compute, faster memory
 GIB = 2**30
-# (lever, its key in a run's "fast_path" record, shape, run, method without it, method with it): the last three
+# (lever, its key in a run's "fast_path" record, shape, run, method without it, method with it): the last four
 # levers, each switched off beside the fast path in one run
 LEVER_PAIRS = (("FlexAttention for the sliding window", "window_attention", "8192x1", "window_h200",
                 "fast_dense_window", "fast"),
                ("compiled decoder layers", "compile_layers", "2048x4", "window_h200", "fast", "fast_compiled"),
                ("compiled decoder layers", "compile_layers", "8192x1", "window_h200", "fast", "fast_compiled"),
                ("Triton NF4 dequantization", "triton_dequant", "2048x1", "dequant_h200", "fast_bnb_dequant", "fast"),
-               ("Triton NF4 dequantization", "triton_dequant", "2048x4", "dequant_h200", "fast_bnb_dequant", "fast"))
+               ("Triton NF4 dequantization", "triton_dequant", "2048x4", "dequant_h200", "fast_bnb_dequant", "fast"),
+               ("lean recompute", "lean_recompute", "2048x4", "lean_h200", "fast_full_recompute", "fast"),
+               ("lean recompute", "lean_recompute", "8192x1", "lean_h200", "fast_full_recompute", "fast"))
 # the fast path built up on the H200, per shape: (label, run, method); the last step is today's fast path
 H200_STEPS = {
     "2048x4": (("plain path", "h200", "qlora"),
                ("fast path, eager layers, bitsandbytes dequantization", "window_h200", "fast"),
                ("+ compiled decoder layers", "window_h200", "fast_compiled"),
-               ("+ Triton NF4 dequantization: today's fast path", "h200", "fast")),
+               ("+ Triton NF4 dequantization", "before_lean_h200", "fast"),
+               ("+ lean recompute: today's fast path", "h200", "fast")),
     "8192x1": (("plain path", "h200", "qlora"),
                ("fast path, eager layers, sliding window as sdpa's dense mask", "window_h200", "fast_dense_window"),
                ("+ FlexAttention for the sliding window", "window_h200", "fast"),
                ("+ compiled decoder layers", "window_h200", "fast_compiled"),
-               ("+ Triton NF4 dequantization: today's fast path", "h200", "fast"))}
+               ("+ Triton NF4 dequantization", "before_lean_h200", "fast"),
+               ("+ lean recompute: today's fast path", "h200", "fast"))}
 
 
 def load_run(name: str = "final") -> dict:
@@ -69,12 +79,14 @@ def load_run(name: str = "final") -> dict:
     return recorded_json(f"bench/fast/{file}", "bash benchmarks/fast_bench.sh (see data/bench/fast/README.md)")
 
 
-PROFILES = {"h100": "profile_step_2048x1.json", "h200": "profile_step_2048x4_h200.json"}
+PROFILES = {"h100": "profile_step_2048x1.json", "h200": "profile_step_2048x4_h200.json",
+            "h200_2048x1": "profile_step_2048x1_h200.json"}
 
 
 def load_profile(name: str = "h100") -> dict:
     """The per-category GPU kernel time of one step (benchmarks/profile_step.py): "h100", plain and fast (eager
-    norms) at 2048x1; "h200", fast (eager layers) and Unsloth at 2048x4, with each method's largest ops."""
+    norms) at 2048x1; "h200", fast (eager layers) and Unsloth at 2048x4, with each method's largest ops;
+    "h200_2048x1", today's fast path and Unsloth at 2048x1, with wall_ms and gpu_busy_ms per step."""
     return recorded_json(f"bench/fast/{PROFILES[name]}", 'PROFILE="fast qlora" bash benchmarks/fast_bench.sh')
 
 
@@ -160,7 +172,7 @@ def lever_steps(shape: str = "2048x4", gpu: str = "H100") -> list[dict]:
     """The fast path built up lever by lever at one shape: label, tokens/s, peak GiB, and which run measured it.
 
     gpu="H100": the first levers, as they were built (any of the four shapes); gpu="H200": from the plain
-    path to today's fast path through the last three levers (H200_STEPS: 2048x4 or 8192x1).
+    path to today's fast path through the last four levers (H200_STEPS: 2048x4 or 8192x1).
     """
     steps = H100_STEPS if gpu == "H100" else H200_STEPS[shape]
     runs = {name: load_run(name) for name in {run for _, run, _ in steps}}

@@ -77,9 +77,10 @@ def test_fast_method_runs_in_the_benchmark_and_peers_say_when_missing(tmp_path, 
     for r in fast_runs:
         assert "error" not in r, r.get("error")
         assert r["tokens_per_second"] > 0 and r["loss_finite"] and len(r["losses"]) == 1
-        # the record says which levers ran: on the CPU, none of the CUDA-only ones
+        # the record says which levers ran: on the CPU, none of the CUDA-only ones; the bench checkpoints, so the
+        # recompute is lean
         assert r["fast_path"] == {"compile_layers": False, "window_attention": False, "triton_dequant": False,
-                                  "keep_weight": False, "offload": False}
+                                  "keep_weight": False, "offload": False, "lean_recompute": True}
     (peer,) = [r for r in result["runs"] if r["method"] == "unsloth"]
     assert peer.get("not_installed") and "build-site.sh peers" in peer["error"]
     table = (tmp_path / "bench_cpu.md").read_text()
@@ -148,3 +149,10 @@ def test_each_fast_variant_switches_a_real_lever():
     for method, kwargs in bench.FAST_VARIANTS.items():
         assert set(kwargs) <= set(params), (method, kwargs)
         assert method in bench.METHODS and method in bench.METHOD_LABELS
+
+
+def test_profile_step_busy_time_is_the_union_of_kernel_intervals(monkeypatch):
+    busy_ms = _benchmark_script("profile_step", monkeypatch).busy_ms
+    assert busy_ms([(0, 1000), (500, 2000), (3000, 3500)]) == 2.5  # overlap counted once, the gap not at all
+    assert busy_ms([(0, 4000), (1000, 2000)]) == 4.0                # one kernel inside another
+    assert busy_ms([]) == 0.0

@@ -148,6 +148,44 @@ def test_fast_model_loss_and_gradients_equal_plain(device):
         torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def _dense_weight_calls(model, monkeypatch):
+    """Loss, LoRA gradients and how many base weights were formed (dense_weight calls) in one step of `model`."""
+    calls = []
+    real = fast.dense_weight
+    monkeypatch.setattr(fast, "dense_weight", lambda base, dtype: calls.append(base) or real(base, dtype))
+    ids, labels = _batch(model.config.vocab_size, "cpu")
+    loss = fast.causal_lm_loss(model, ids, labels)
+    loss.backward()
+    monkeypatch.setattr(fast, "dense_weight", real)
+    return loss, _lora_grads(model), len(calls)
+
+
+def test_lean_recompute_skips_down_proj_and_keeps_the_gradients(monkeypatch):
+    """The recompute leaves out down_proj's base matmul (its output feeds only the layer's output), so each layer
+    forms 20 base weights a step instead of 21 (7 forward, 6 or 7 recompute, 7 backward) with the same gradients."""
+    def model(**kw):
+        return fast.enable_fast_path(_peft(_tiny_4bit(torch.float32)), checkpointing=True, dtype=torch.float32, **kw)
+
+    lean, full = model(), model(lean_recompute=False)
+    n = lean.config.num_hidden_layers
+    assert lean._qlora_nb_fast["lean_recompute_layers"] == n and full._qlora_nb_fast["lean_recompute_layers"] == 0
+    assert fast.levers(lean)["lean_recompute"] and not fast.levers(full)["lean_recompute"]
+    loss_lean, g_lean, calls_lean = _dense_weight_calls(lean, monkeypatch)
+    loss_full, g_full, calls_full = _dense_weight_calls(full, monkeypatch)
+    assert (calls_lean, calls_full) == (20 * n, 21 * n)
+    assert torch.equal(loss_lean, loss_full)
+    for name in g_full:
+        torch.testing.assert_close(g_lean[name], g_full[name], rtol=1e-6, atol=1e-7, msg=name)
+    # the test can tell: skipping a projection whose output the layer does read (gate_proj) breaks the gradients
+    wrong = model()
+    for layer in fast.causal_lm(wrong).model.layers:
+        layer.mlp.gate_proj._qlora_nb_output_only = True
+    _, g_wrong, _ = _dense_weight_calls(wrong, monkeypatch)
+    assert any(not torch.allclose(g_wrong[k], g_full[k], rtol=1e-3, atol=1e-5) for k in g_full)
+    no_ckpt = fast.enable_fast_path(_peft(_tiny_4bit(torch.float32)), checkpointing=False, dtype=torch.float32)
+    assert no_ckpt._qlora_nb_fast["lean_recompute_layers"] == 0  # nothing is recomputed, so nothing to skip
+
+
 def test_compiled_layers_equal_the_eager_fast_path_without_graph_breaks():
     # regional compilation (compile_layers) must change only how a layer runs: same loss and LoRA gradients,
     # and one graph per layer (a graph break would fall back to eager launches and gain nothing)
