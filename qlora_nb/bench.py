@@ -161,9 +161,9 @@ def load_for_bench(model_dir: str | Path, method: str, checkpointing: bool = Tru
     """The model as each method trains it: (model in train mode, weight bytes right after loading).
 
     qlora: the notebooks' plain path (NF4+DQ, prepare_model_for_kbit_training, LoRA dropout 0.05).
-    lora: bf16 base. fast: NF4+DQ + `fast.enable_fast_path` (LoRA dropout 0); fast_keep,
-    fast_compiled, fast_dense_window, fast_full_recompute, ...: the same with one lever changed (FAST_VARIANTS). liger: the plain
-    path after `apply_liger_kernel_to_mistral()`. unsloth: `FastLanguageModel` in 4-bit.
+    lora: bf16 base. fast: NF4+DQ + `fast.enable_fast_path` (LoRA dropout 0); fast_keep, fast_compiled,
+    fast_dense_window, fast_full_recompute, ...: the same with one lever changed (FAST_VARIANTS). liger: the
+    plain path after `apply_liger_kernel_to_mistral()`. unsloth: `FastLanguageModel` in 4-bit.
     """
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
