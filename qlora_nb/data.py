@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from . import datagen, paths
@@ -25,6 +26,10 @@ CATEGORIES = datagen.CATEGORIES
 PRIORITIES = datagen.PRIORITIES
 ANSWER_KEYS = ("category", "priority", "summary")
 SPLITS = tuple(datagen.SPLITS)
+# Typed one by one, never generated, never trained on or used to choose settings (tests/test_data.py checks no
+# overlap with train/validation); data/README.md says how it was written.
+HANDWRITTEN = {"handwritten": "handwritten.jsonl"}
+EVAL_SETS = ("test", "handwritten")  # what every reported accuracy is measured on, side by side
 ROLES = ("system", "user", "assistant")
 
 
@@ -37,7 +42,7 @@ def parse_answer(text: str) -> dict | None:
 
     Surrounding whitespace is allowed; anything else around the object (prose, a second object, a
     code fence) makes it invalid and returns None. Values are not checked against CATEGORIES here:
-    an answer with an invented category is valid JSON but a wrong answer (evaluate.py scores it).
+    an answer with an invented category is valid JSON but a schema error (`answer_problem`).
 
     >>> parse_answer(' {"category": "x", "priority": "low", "summary": "s"} ')["category"]
     'x'
@@ -58,6 +63,28 @@ def parse_answer(text: str) -> dict | None:
     if not all(isinstance(obj[k], str) for k in ANSWER_KEYS):
         return None
     return obj
+
+
+def answer_problem(text: str) -> str | None:
+    """Why `text` is not a schema-valid triage answer, or None when it is.
+
+    Two kinds of failure, kept apart because a production parser treats them apart:
+    "invalid_json" (not exactly one JSON object with the three string keys) and "schema_error"
+    (the right shape, but a category or priority outside CATEGORIES / PRIORITIES, e.g. an
+    invented category "prices").
+
+    >>> answer_problem('{"category": "prices", "priority": "low", "summary": "s"}')
+    'schema_error'
+    >>> answer_problem('Sure: {"category": "billing"}'), answer_problem(
+    ...     '{"category": "billing", "priority": "low", "summary": "s"}')
+    ('invalid_json', None)
+    """
+    answer = parse_answer(text)
+    if answer is None:
+        return "invalid_json"
+    if answer["category"] not in CATEGORIES or answer["priority"] not in PRIORITIES:
+        return "schema_error"
+    return None
 
 
 def _row_problem(row, triage: bool) -> str | None:
@@ -134,23 +161,53 @@ def triage_dir() -> Path:
 
 
 def split_path(split: str) -> Path:
-    """The JSONL file of a split (train, validation or test)."""
+    """The JSONL file of a split (train, validation, test) or the hand-written set (handwritten)."""
+    if split in HANDWRITTEN:
+        path = paths.data_dir() / "triage" / HANDWRITTEN[split]
+        if not path.exists():
+            raise DataError(f"{path}: no such file. The hand-written sets are typed, not generated: they come with "
+                            "the repository's data/ folder. Clone the repository, or set QLORA_NB_DATA to its data/.")
+        return path
     if split not in SPLITS:
-        raise DataError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+        raise DataError(f"split={split!r}: choose one of {', '.join(SPLITS + tuple(HANDWRITTEN))}")
     return triage_dir() / f"{split}.jsonl"
 
 
 def load_triage(split: str) -> list[dict]:
-    """The checked rows of one triage split: [{"messages": [system, user, assistant], "meta": {...}}].
+    """The checked rows of one triage split or hand-written set: [{"messages": [system, user, assistant], "meta": {...}}].
 
-    >>> len(load_triage("test")) > 0
-    True
+    >>> len(load_triage("test")) > 0, load_triage("handwritten")[0]["meta"]["source"]
+    (True, 'handwritten')
     """
     path = split_path(split)
     rows = read_jsonl(path)
     if not rows:
         raise DataError(f"{path}: the {split} split is empty. Regenerate it with `python -m qlora_nb.datagen`.")
     return rows
+
+
+def normalized(text: str) -> str:
+    """A message reduced for overlap checks: lower case, letters and digits only, single spaces.
+
+    >>> normalized("Hi,  I was CHARGED twice!!")
+    'hi i was charged twice'
+    """
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+
+
+def message_of(row: dict) -> str:
+    """The customer's message of a chat row (its last user turn)."""
+    return next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user")
+
+
+def shared_messages(rows_a: list[dict], rows_b: list[dict]) -> set[str]:
+    """The normalized messages that occur in both row lists (an evaluation set must share none with training).
+
+    >>> a = [{"messages": [{"role": "user", "content": "My parcel is LATE!"}]}]
+    >>> shared_messages(a, [{"messages": [{"role": "user", "content": "my parcel is late"}]}])
+    {'my parcel is late'}
+    """
+    return {normalized(message_of(r)) for r in rows_a} & {normalized(message_of(r)) for r in rows_b}
 
 
 def load_canary() -> dict:
@@ -182,12 +239,13 @@ def dataset_hash(data) -> str:
     >>> dataset_hash("train") == dataset_hash(load_triage("train"))
     True
     """
-    if isinstance(data, str) and data in SPLITS:
+    names = SPLITS + tuple(HANDWRITTEN)
+    if isinstance(data, str) and data in names:
         rows = load_triage(data)
     elif isinstance(data, (str, Path)):
         rows = read_jsonl(data, triage=False)
     elif isinstance(data, (list, tuple)) and all(isinstance(x, (str, Path)) for x in data) and data:
-        rows = [r for p in data for r in (load_triage(p) if p in SPLITS else read_jsonl(p, triage=False))]
+        rows = [r for p in data for r in (load_triage(p) if p in names else read_jsonl(p, triage=False))]
     elif isinstance(data, (list, tuple)):
         rows = list(data)
     else:

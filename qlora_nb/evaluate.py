@@ -1,12 +1,13 @@
-"""Scoring a model on the triage task (greedy answers -> valid JSON, category, priority) and on a forgetting canary.
+"""Scoring a model on the triage task (greedy answers -> schema-valid, category, priority) and on a forgetting canary.
 
 `triage_metrics(model, tokenizer, rows)` generates one answer per test row with greedy
-decoding, batched with left padding, and counts how many parse as the JSON object the task
-asks for and how many name the right category and priority. `perplexity` and
+decoding, batched with left padding, and scores them with `scoring.score`: schema-valid
+answers, invalid JSON and schema errors apart, category and priority accuracy with bootstrap
+intervals. `perplexity` and
 `canary_answers` check what the fine-tune did to general text and general questions.
 
 Leaves out: sampling (greedy only, so before/after numbers are reproducible), training
-(train.py), and what a valid answer is: that is `data.parse_answer`.
+(train.py), what a valid answer is (`data.answer_problem`) and the tables (scoring.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import math
 import re
 import time
 
-METRICS = ("valid_json", "category_accuracy", "priority_accuracy")
+METRICS = ("valid", "category_accuracy", "priority_accuracy")  # valid: schema-valid (data.answer_problem)
 
 
 def prompt_of(row: dict) -> list[dict]:
@@ -66,39 +67,32 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], batch_si
 
 
 def score_answers(answers: list[str], rows: list[dict]) -> dict:
-    """Fractions in [0, 1] over all rows: valid_json, category_accuracy, priority_accuracy (an unparsable answer is wrong).
+    """Fractions in [0, 1] over all rows: valid (schema-valid), category_accuracy, priority_accuracy, both_accuracy,
+    each with its bootstrap interval (`name_low`, `name_high`), and the counts invalid_json and schema_errors.
 
-    Valid means `data.parse_answer` accepts it (one JSON object with the task's keys).
+    An answer that is not schema-valid (`data.answer_problem`) is wrong on both labels; see scoring.score.
     """
-    from . import data
+    from . import scoring
 
-    n = len(rows)
-    valid = category = priority = 0
-    for answer, row in zip(answers, rows):
-        got = data.parse_answer(answer)
-        want = data.parse_answer(row["messages"][-1]["content"])
-        if got is None:
-            continue
-        valid += 1
-        category += want is not None and got.get("category") == want.get("category")
-        priority += want is not None and got.get("priority") == want.get("priority")
-    return {"n": n, "valid_json": valid / n, "category_accuracy": category / n, "priority_accuracy": priority / n}
+    return scoring.score(answers, rows).summary()
 
 
 def triage_metrics(model, tokenizer, rows: list[dict], batch_size: int = 16, max_new_tokens: int | None = None,
                    progress: bool = True) -> dict:
-    """Greedy answers to the test rows, scored: {"n", "valid_json", "category_accuracy", "priority_accuracy",
-    "answers", "seconds"}; the three metrics are fractions in [0, 1].
+    """Greedy answers to the rows, scored: score_answers' keys plus "answers", "score" (the scoring.Score with the
+    per-row labels behind the tables) and "seconds".
 
     max_new_tokens None: just enough for the longest reference answer (see answer_token_budget).
     """
+    from . import scoring
+
     if not rows:
         raise ValueError("No rows to evaluate: the test split (or its sample) is empty. Use a larger eval sample.")
     budget = max_new_tokens or answer_token_budget(tokenizer, rows)
     start = time.perf_counter()
     answers = generate_answers(model, tokenizer, [prompt_of(r) for r in rows], batch_size, budget, progress)
-    metrics = score_answers(answers, rows)
-    return {**metrics, "answers": answers, "seconds": time.perf_counter() - start}
+    result = scoring.score(answers, rows)
+    return {**result.summary(), "answers": answers, "score": result, "seconds": time.perf_counter() - start}
 
 
 def perplexity(model, tokenizer, text: str, max_length: int = 512) -> float:

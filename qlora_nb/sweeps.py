@@ -117,7 +117,7 @@ def run_setting(config, n_test: int = 16, root: Path | None = None, train_rows=N
     out = {"key": key, "config": config.to_dict(), "rank": config.rank, "alpha": config.alpha,
            "alpha_over_r": config.alpha / config.rank, "n_test": len(test_rows),
            "validation_loss": history["validation"][-1][1] if history["validation"] else None,
-           "valid_json": scores["valid_json"], "category_accuracy": scores["category_accuracy"],
+           "valid_json": scores["valid"], "category_accuracy": scores["category_accuracy"],
            "trainable_params": result.trainable_params,
            "adapter_bytes": adapters.adapter_bytes(result.adapter_dir) if Path(result.adapter_dir).exists() else None,
            "train_seconds": result.train_seconds, "loss_history": history,

@@ -14,7 +14,7 @@ def _answer(row):
     return row["messages"][-1]["content"]
 
 
-def test_scores_count_valid_json_category_and_priority():
+def test_scores_count_valid_category_and_priority_and_keep_schema_errors_apart():
     gold = [data.parse_answer(_answer(r)) for r in ROWS]
     other_category = next(c for c in data.CATEGORIES if c != gold[1]["category"])
     other_priority = next(p for p in data.PRIORITIES if p != gold[2]["priority"])
@@ -22,10 +22,18 @@ def test_scores_count_valid_json_category_and_priority():
         _answer(ROWS[0]),                                                # right
         json.dumps({**gold[1], "category": other_category}),              # valid, wrong category
         json.dumps({**gold[2], "priority": other_priority}),              # valid, wrong priority
-        "Sure! Here is the JSON: " + _answer(ROWS[3]),                    # prose around it: invalid
+        "Sure! Here is the JSON: " + _answer(ROWS[3]),                    # prose around it: invalid JSON
     ]
     scores = evaluate.score_answers(answers, ROWS)
-    assert scores == {"n": 4, "valid_json": 3 / 4, "category_accuracy": 2 / 4, "priority_accuracy": 2 / 4}
+    assert {k: scores[k] for k in ("n", "valid", "category_accuracy", "priority_accuracy", "invalid_json",
+                                   "schema_errors")} == {"n": 4, "valid": 3 / 4, "category_accuracy": 2 / 4,
+                                                         "priority_accuracy": 2 / 4, "invalid_json": 1,
+                                                         "schema_errors": 0}
+    invented = json.dumps({**gold[0], "category": "prices"})             # the right shape, an invented category
+    scores = evaluate.score_answers([invented] + answers[1:], ROWS)
+    assert scores["schema_errors"] == 1 and scores["invalid_json"] == 1 and scores["valid"] == 2 / 4
+    assert scores["category_accuracy"] == 1 / 4 and scores["priority_accuracy"] == 1 / 4  # wrong on both labels
+    assert scores["category_accuracy_low"] <= scores["category_accuracy"] <= scores["category_accuracy_high"]
 
 
 def test_empty_evaluation_set_is_refused():
