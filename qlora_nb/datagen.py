@@ -305,20 +305,32 @@ def generate_split(split: str, n: int | None = None, seed: int | None = None) ->
     >>> len(generate_split("test", n=10)), generate_split("test", n=4) == generate_split("test", n=4)
     (10, True)
     """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
-    default_n, default_seed = SPLITS[split]
+    return split_rows(split, n, seed, SPLITS, POOL_OF_SPLIT, ticket, PRIORITY_WEIGHTS, _messages_of_other_splits)
+
+
+def split_rows(split: str, n: int | None, seed: int | None, splits: dict, pool_of_split: dict, make_ticket,
+               weights, other_messages) -> list[dict]:
+    """A split's rows for a generator given by its tables and `make_ticket(category, priority, pool, rng)`;
+    shared by datagen and datagen_content. The default n and seed also exclude `other_messages(split)`."""
+    if split not in splits:
+        raise ValueError(f"split={split!r}: choose one of {', '.join(splits)}")
+    default_n, default_seed = splits[split]
     n = default_n if n is None else n
     rng = random.Random(default_seed if seed is None else seed)
-    pool = POOL_OF_SPLIT[split]
     categories = [CATEGORIES[i % len(CATEGORIES)] for i in range(n)]
     rng.shuffle(categories)
-    seen = _messages_of_other_splits(split) if n == default_n and seed is None else set()
+    seen = other_messages(split) if n == default_n and seed is None else set()
+    return draw_rows(make_ticket, categories, weights, pool_of_split[split], rng, seen)
+
+
+def draw_rows(make_ticket, categories: list[str], weights, pool: str, rng: random.Random, seen: set) -> list[dict]:
+    """One row per category in order: draw a priority by `weights`, then `make_ticket(category, priority, pool, rng)`,
+    redrawing any message already in `seen` (which grows)."""
     rows = []
     for category in categories:
         while True:  # redraw a message that already exists (in this split or an earlier one)
-            priority = rng.choices(PRIORITIES, weights=PRIORITY_WEIGHTS)[0]
-            t = ticket(category, priority, pool, rng)
+            priority = rng.choices(PRIORITIES, weights=weights)[0]
+            t = make_ticket(category, priority, pool, rng)
             if t["message"] not in seen:
                 break
         seen.add(t["message"])
