@@ -26,9 +26,9 @@ CATEGORIES = datagen.CATEGORIES
 PRIORITIES = datagen.PRIORITIES
 ANSWER_KEYS = ("category", "priority", "summary")
 SPLITS = tuple(datagen.SPLITS)
-# Typed one by one, never generated, never trained on or used to choose settings (tests/test_data.py checks no
-# overlap with train/validation); data/README.md says how it was written.
-HANDWRITTEN = {"handwritten": "handwritten.jsonl"}
+# Typed one by one, never generated, never trained on (tests/test_data.py checks no overlap with train/validation):
+# "handwritten_dev" may choose settings; "handwritten" is only ever scored (data/README.md says how both were written).
+HANDWRITTEN = {"handwritten": "handwritten.jsonl", "handwritten_dev": "handwritten_dev.jsonl"}
 EVAL_SETS = ("test", "handwritten")  # what every reported accuracy is measured on, side by side
 ROLES = ("system", "user", "assistant")
 
@@ -161,7 +161,7 @@ def triage_dir() -> Path:
 
 
 def split_path(split: str) -> Path:
-    """The JSONL file of a split (train, validation, test) or the hand-written set (handwritten)."""
+    """The JSONL file of a split (train, validation, test) or a hand-written set (handwritten, handwritten_dev)."""
     if split in HANDWRITTEN:
         path = paths.data_dir() / "triage" / HANDWRITTEN[split]
         if not path.exists():
