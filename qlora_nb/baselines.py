@@ -40,10 +40,6 @@ def _count(text: str, words) -> int:
     return sum(len(re.findall(rf"(?<![a-z]){re.escape(w)}(?![a-z])", text)) for w in words)
 
 
-def _message(row: dict) -> str:
-    return next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user")
-
-
 def _answer(category: str, priority: str) -> str:
     return json.dumps({"category": category, "priority": priority, "summary": "baseline"})
 
@@ -84,4 +80,6 @@ def keyword_priority(text: str) -> str:
 
 def keyword_answers(rows: list[dict], default_category: str = "technical") -> list[str]:
     """The keyword rule's answer for every row."""
-    return [_answer(keyword_category(_message(r), default_category), keyword_priority(_message(r))) for r in rows]
+    from .data import message_of
+
+    return [_answer(keyword_category(message_of(r), default_category), keyword_priority(message_of(r))) for r in rows]
