@@ -29,7 +29,6 @@ SPLITS = tuple(datagen.SPLITS)
 # Typed one by one, never generated, never trained on (tests/test_data.py checks no overlap with train/validation):
 # "handwritten_dev" may choose settings; "handwritten" is only ever scored (data/README.md says how both were written).
 HANDWRITTEN = {"handwritten": "handwritten.jsonl", "handwritten_dev": "handwritten_dev.jsonl"}
-EVAL_SETS = ("test", "handwritten")  # what every reported accuracy is measured on, side by side
 ROLES = ("system", "user", "assistant")
 
 
