@@ -46,19 +46,21 @@ def _jsonable(x):
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A short sha256 of what decides token ids: the vocabulary, the special tokens, the chat template.
+    """A short sha256 of what decides token ids: the vocabulary (special tokens and their ids included) and the chat template.
 
-    Two tokenizers with the same fingerprint turn the same chat into the same ids.
+    Two tokenizers with the same fingerprint turn the same chat into the same ids. Which tokens
+    a transformers version *flags* as special is left out: it decides no id, and it changed
+    between transformers 5.17 and 5.24 for SmolLM2 (<|im_end|> flagged or not), which made the
+    same tokenizer look like another one.
 
-    >>> class T:  # any object with get_vocab / chat_template / all_special_tokens
-    ...     chat_template, all_special_tokens = "{{ m }}", ["<s>"]
+    >>> class T:  # any object with get_vocab / chat_template
+    ...     chat_template = "{{ m }}"
     ...     def get_vocab(self): return {"a": 0, "b": 1}
     >>> len(tokenizer_fingerprint(T()))
     16
     """
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    payload = {"vocab": vocab, "chat_template": getattr(tokenizer, "chat_template", None),
-               "special": sorted(map(str, getattr(tokenizer, "all_special_tokens", [])))}
+    payload = {"vocab": vocab, "chat_template": getattr(tokenizer, "chat_template", None)}
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -219,6 +221,18 @@ def load_adapter(base_model_obj, folder, *, base_model: str, tokenizer=None, ada
         base_model_obj.set_adapter(adapter_name)
         return base_model_obj
     return PeftModel.from_pretrained(base_model_obj, str(folder), adapter_name=adapter_name)
+
+
+def recorded_adapter_dir() -> Path:
+    """data/adapters/triage: the committed triage adapter notebook 05 can load instead of training
+    (how it was made: its README.md). Check it with `check_adapter` like any other before use."""
+    from . import paths
+
+    folder = paths.data_dir() / "adapters" / "triage"
+    if not (folder / METADATA_FILE).exists():
+        raise FileNotFoundError(f"{folder} holds no recorded adapter: restore data/adapters/triage from git, "
+                                "or train one (notebook 05 with its defaults).")
+    return folder
 
 
 def adapter_bytes(folder) -> int:

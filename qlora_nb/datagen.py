@@ -1,19 +1,24 @@
-"""Generate the support-ticket triage data set (and the forgetting canary) from templates and a seeded RNG.
+"""Generate the support-ticket triage data set (and the forgetting canary): labels follow the situation a message describes, never its tone.
 
 Each row is a chat conversation: a system prompt that states the JSON schema, a customer
 message, and the assistant's answer, exactly one JSON object
-`{"category": ..., "priority": ..., "summary": ...}`. The category is signalled by what the
-customer talks about (an issue template), the priority by urgency cues (a cue phrase and the
-tone). The test split draws its issue templates, cue phrases and products from pools that
-train and validation never use, so it measures generalisation, not memory.
+`{"category": ..., "priority": ..., "summary": ...}`. A message is built around one
+*situation* from `triage_bank.SITUATIONS` (written by hand by the labelling guide in
+data/README.md): the situation fixes the category and a base priority, and an optional
+*modifier* that says who is affected or what deadline is threatened (`triage_bank.MODIFIERS`)
+moves the priority as the guide says (`priority_after`). Everything else is drawn
+independently of the labels, so it carries no signal: tone (anger, "ASAP!!", capitals),
+greetings, background, signatures, forwarded-mail and reply wrappers, lists, quoted error
+text, a second minor question from another category, non-native grammar and keyboard typos.
+The test pool holds every HELD_OUT_EVERY-th situation and modifier sentence and its own
+products and names.
 
 `python -m qlora_nb.datagen [OUT_DIR]` writes triage/{train,validation,test}.jsonl and
 canary/{general.txt,questions.jsonl} under OUT_DIR (default: paths.data_dir()); the output
 is byte-identical on every rerun (only `random.Random(seed)`, no global or numpy randomness).
 
-Leaves out: anything realistic about the wording (the messages are template-made; a
-learner should not read the accuracies as what real tickets give) and loading/validation
-(data.py reads and checks the files).
+Leaves out: the project's first, cue-driven generator (datagen_cues.py, kept for notebook 04's
+comparison), the hand-written sets (typed, not generated) and loading/validation (data.py).
 
 >>> rows = generate_split("train", n=3)
 >>> [m["role"] for m in rows[0]["messages"]]
@@ -25,8 +30,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
+
+from .triage_bank import MODIFIERS, SITUATIONS
 
 CATEGORIES = ("billing", "shipping", "account", "technical", "returns")
 PRIORITIES = ("low", "medium", "high", "urgent")
@@ -38,192 +46,85 @@ SYSTEM_PROMPT = (
     '{"category": billing|shipping|account|technical|returns, '
     '"priority": low|medium|high|urgent, "summary": one sentence}')
 
-SPLITS = {"train": (1000, 11), "validation": (200, 22), "test": (200, 33)}  # rows, seed
+WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+SPLITS = {"train": (2000, 11), "validation": (200, 22), "test": (200, 33)}  # rows, seed
 POOL_OF_SPLIT = {"train": "train", "validation": "train", "test": "test"}
-PRIORITY_WEIGHTS = (0.2, 0.3, 0.3, 0.2)  # low, medium, high, urgent
+PRIORITY_WEIGHTS = (0.25, 0.3, 0.25, 0.2)  # low, medium, high, urgent
+HELD_OUT_EVERY = 5  # every 5th situation of a category (and 5th modifier sentence) is kept for the test pool
+MODIFIER_PRIORITY = {"team": "urgent", "deadline": "high"}  # "chased" moves one level up, at most to high
 
 PRODUCTS = {
     "train": ["wireless earbuds", "smart thermostat", "espresso machine", "robot vacuum", "gaming keyboard",
               "fitness tracker", "air fryer", "4K monitor", "electric toothbrush", "standing desk",
               "noise-cancelling headphones", "smartwatch", "power bank", "digital camera", "e-reader",
-              "coffee grinder", "bluetooth speaker", "office chair", "hair dryer", "webcam",
-              "router", "tablet", "blender", "desk lamp"],
-    "test": ["drone", "sewing machine", "projector", "bread maker", "baby monitor", "electric scooter",
-             "soundbar", "label printer", "dehumidifier", "rice cooker", "dash cam", "space heater"],
+              "coffee grinder", "bluetooth speaker", "office chair", "hair dryer", "webcam", "router", "tablet",
+              "blender", "desk lamp", "washing machine", "fridge freezer", "sofa", "winter jacket", "running shoes",
+              "garden hose", "lawn mower", "kids' tablet", "microwave", "kettle", "printer", "laptop", "phone case",
+              "mattress", "baby stroller", "yoga mat", "card reader", "security camera", "smart plug", "toaster",
+              "dishwasher", "bike helmet", "electric blanket", "tent"],
+    "test": ["drone", "sewing machine", "projector", "bread maker", "baby monitor", "electric scooter", "soundbar",
+             "label printer", "dehumidifier", "rice cooker", "dash cam", "space heater", "barcode scanner",
+             "bookshelf", "rain coat", "pressure washer", "graphics card", "doorbell camera", "hiking boots",
+             "steam iron"],
 }
-
-# Issue templates: (message text, summary). {p} product, {o} order number, {a} amount, {d} days, {w} weekday,
-# {c} error code. The "test" pools are different sentences about the same kinds of problem, with the
-# words a person would use (charge, delivery, password, error, return), so the labels stay learnable.
-ISSUES = {
-    "billing": {
-        "train": [
-            ("I was charged twice for my {p} order.", "Customer was charged twice for a {p} order."),
-            ("My card was billed {a} but the {p} costs less than that.",
-             "Customer was billed {a}, more than the price of the {p}."),
-            ("The invoice for order {o} shows the wrong amount.", "The invoice for order {o} shows the wrong amount."),
-            ("You took payment for the {p} but the order was cancelled.",
-             "Customer paid for a {p} order that was cancelled."),
-            ("My discount code was not applied when I paid for the {p}.",
-             "A discount code was not applied to the {p} payment."),
-            ("There is a charge of {a} on my card that I don't recognise.",
-             "Customer does not recognise a {a} charge."),
-            ("I keep getting billed for my subscription even though I cancelled it.",
-             "Customer is still billed for a cancelled subscription."),
-            ("The payment for the {p} failed but the money left my account anyway.",
-             "A failed payment for the {p} was still taken from the customer's account."),
-            ("Can I get a copy of the invoice for order {o}? The VAT number is missing.",
-             "The invoice for order {o} is missing the VAT number."),
-        ],
-        "test": [
-            ("There are two identical payments of {a} on my credit card for one {p}.",
-             "Customer sees a duplicate payment of {a} for one {p}."),
-            ("Why was I charged an extra fee on my {p} order?", "Customer was charged an unexpected fee on a {p} order."),
-            ("I paid more at checkout for the {p} than the price on your website.",
-             "Customer paid more at checkout than the listed price of the {p}."),
-            ("My bank shows a {a} charge from your shop that I can't explain.",
-             "Customer cannot explain a {a} charge from the shop."),
-        ],
-    },
-    "shipping": {
-        "train": [
-            ("My {p} still hasn't arrived and it's been {d} days.", "The {p} has not arrived after {d} days."),
-            ("Tracking for order {o} hasn't updated since {w}.", "Tracking for order {o} has not updated since {w}."),
-            ("The courier says the {p} was delivered but there's nothing at my door.",
-             "The {p} is marked as delivered but the customer did not receive it."),
-            ("I need to change the delivery address for order {o}.",
-             "Customer wants to change the delivery address for order {o}."),
-            ("The {p} was shipped to my old address.", "The {p} was shipped to the customer's old address."),
-            ("Order {o} was supposed to arrive on {w} and it didn't.", "Order {o} did not arrive on {w} as promised."),
-            ("When will my {p} be shipped? I ordered it {d} days ago.",
-             "Customer asks when the {p} ordered {d} days ago will ship."),
-            ("The delivery driver left my {p} with a neighbour I don't know.",
-             "The {p} was left with an unknown neighbour by the delivery driver."),
-        ],
-        "test": [
-            ("The delivery of my {p} seems lost, the tracking stopped updating days ago.",
-             "The delivery of the {p} seems lost and its tracking stopped updating."),
-            ("The delivery date for order {o} keeps getting pushed back.",
-             "The delivery date for order {o} keeps being postponed."),
-            ("My {p} was shipped {d} days ago and the tracking says 'exception'.",
-             "The {p} shipped {d} days ago shows an exception in tracking."),
-            ("My {p} package never showed up, the carrier website says out for delivery.",
-             "The {p} package never arrived although the carrier says it is out for delivery."),
-        ],
-    },
-    "account": {
-        "train": [
-            ("I can't log in to my account, it says my password is wrong.",
-             "Customer cannot log in because the password is rejected."),
-            ("The password reset email never arrives.", "Customer does not receive the password reset email."),
-            ("My account got locked after too many login attempts.",
-             "Customer's account is locked after failed login attempts."),
-            ("I want to change the email address on my account.",
-             "Customer wants to change the account email address."),
-            ("Please delete my account and all my personal data.",
-             "Customer asks to delete the account and personal data."),
-            ("I'm not getting the two-factor code when I sign in.",
-             "Customer does not receive the two-factor login code."),
-            ("Someone else logged in to my account and changed my details.",
-             "Someone else accessed the customer's account and changed its details."),
-            ("How do I change the username on my profile?", "Customer wants to change the profile username."),
-        ],
-        "test": [
-            ("The login page says my password is incorrect even after I reset it.",
-             "The login page rejects the customer's password even after a reset."),
-            ("I have two accounts by mistake and would like them merged into one.",
-             "Customer wants two accounts merged into one."),
-            ("The verification code for logging in to my account never comes.",
-             "Customer does not receive the account login verification code."),
-            ("My account profile shows somebody else's name and phone number.",
-             "Customer's account profile shows another person's details."),
-        ],
-    },
-    "technical": {
-        "train": [
-            ("My {p} won't turn on anymore.", "Customer's {p} no longer turns on."),
-            ("The {p} keeps disconnecting from the Wi-Fi.", "The {p} keeps losing its Wi-Fi connection."),
-            ("The app crashes every time I try to pair the {p}.", "The app crashes when pairing the {p}."),
-            ("The {p} shows error code {c} and then stops working.", "The {p} shows error code {c} and stops working."),
-            ("Since the latest firmware update the {p} is really slow.",
-             "The {p} has been slow since the latest firmware update."),
-            ("The battery of my {p} drains in about an hour.", "The battery of the {p} drains within an hour."),
-            ("My {p} makes a loud buzzing noise when it runs.", "The {p} makes a loud buzzing noise while running."),
-            ("Bluetooth won't connect between my phone and the {p}.",
-             "The {p} will not connect to the customer's phone over Bluetooth."),
-        ],
-        "test": [
-            ("The screen of my {p} flickers and then stops working.", "The screen of the {p} flickers and stops working."),
-            ("The app freezes every time I set up my {p}.", "The app freezes while setting up the {p}."),
-            ("My {p} overheats and then won't turn back on.", "The {p} overheats and does not turn back on."),
-            ("The software update for the {p} fails with error {c}.", "The {p} software update fails with error {c}."),
-        ],
-    },
-    "returns": {
-        "train": [
-            ("I'd like to return the {p}, it isn't what I need.", "Customer wants to return the {p}."),
-            ("How do I get a return label for the {p}?", "Customer asks for a return label for the {p}."),
-            ("I sent the {p} back {d} days ago and I'm still waiting for the refund.",
-             "Customer returned the {p} {d} days ago and awaits the refund."),
-            ("Can I exchange the {p} for a different colour?",
-             "Customer wants to exchange the {p} for another colour."),
-            ("The {p} arrived scratched and I want to send it back.",
-             "Customer wants to send back a scratched {p}."),
-            ("Is the {p} still within the return window? I bought it {d} days ago.",
-             "Customer asks if the {p} bought {d} days ago can still be returned."),
-            ("Please arrange a pickup so I can return my {p}.",
-             "Customer asks for a pickup to return the {p}."),
-            ("I want to swap the {p} for the bigger model.", "Customer wants to swap the {p} for a bigger model."),
-        ],
-        "test": [
-            ("I changed my mind about the {p}. What is your return policy?",
-             "Customer changed their mind and asks about returning the {p}."),
-            ("The {p} is not the model I ordered, I'd like to send it back for the right one.",
-             "Customer received the wrong {p} model and wants to send it back."),
-            ("Where can I drop off the {p} to return it?", "Customer asks where to drop off the {p} to return it."),
-            ("Does the refund for a returned {p} include the original postage?",
-             "Customer asks whether the refund for a returned {p} covers postage."),
-        ],
-    },
+NAMES = {
+    "train": ["Anna", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jon", "Kemi", "Luca",
+              "Maya", "Nils", "Olga", "Pedro", "Rosa", "Sam", "Tara", "Yusuf", "Agnieszka", "Thomas", "Priya",
+              "Mohammed", "Sofia", "Wei", "Jürgen", "Carmen", "Kofi", "Aisha", "Mark", "Linda"],
+    "test": ["Zoe", "Omar", "Hannah", "Ravi", "Marta", "Felix", "Lucia", "Tomasz", "Mei", "Andre"],
 }
+SURNAMES = ["Schmidt", "Kowalski", "Garcia", "Patel", "Nguyen", "Smith", "Okafor", "Rossi", "Dubois", "Chen",
+            "Yilmaz", "Jensen", "Silva", "Murphy", "Novak"]
+COMPANIES = ["Brightside Dental", "Hoffmann GmbH", "Corner Café", "Greenleaf Primary School", "Nordic Freight Ltd",
+             "Studio Lumen", "Patel & Sons", "Riverside Clinic", "Atlas Logistics", "Bloom Florists"]
 
-# Issues that nobody files as "low": a security problem or money taken twice is at least medium.
-NOT_LOW = {"Someone else logged in to my account and changed my details.",
-           "My account profile shows somebody else's name and phone number."}
-
-CUES = {
-    "low": {
-        "train": ["No rush on this.", "Whenever you have time.", "Not urgent at all.", "It's only a minor thing.",
-                  "Just letting you know, no hurry.", "Low priority.", "Get back to me when it's convenient."],
-        "test": ["No hurry at all, take your time.", "Not important, it can wait.",
-                 "Just a minor issue, reply whenever you like."],
-    },
-    "medium": {
-        "train": ["Could you please look into it?", "Please let me know what to do.", "Can you help me with this?",
-                  "I'd appreciate your help.", "What should I do?", "Please advise."],
-        "test": ["Could someone advise me what to do?", "Any help would be appreciated."],
-    },
-    "high": {
-        "train": ["Please sort this out soon.", "I need this fixed this week.", "This is getting really frustrating.",
-                  "Please make this a priority.", "I'd like this handled quickly.", "It's been days and I'm annoyed."],
-        "test": ["Please get this sorted by the end of the week.", "It's frustrating, please handle it soon."],
-    },
-    "urgent": {
-        "train": ["URGENT!", "I need this fixed immediately.", "This is an emergency.",
-                  "Please help right now, I'm losing money.", "I need this resolved today.",
-                  "Critical issue, please respond now!"],
-        "test": ["This is urgent, I need a fix right now!", "Emergency: please act immediately, I'm losing customers!"],
-    },
-}
-
-GREETINGS = ["Hi,", "Hello,", "Hi there,", "Dear support,", "Hello team,", "Good morning,", "Hey,", ""]
-SIGN_OFFS = ["Thanks.", "Thank you.", "Regards, {n}", "Cheers, {n}", "- {n}", "", "", ""]
-ANGRY = ["This is ridiculous.", "I am very unhappy.", "Really disappointed."]
-EXTRAS = ["I ordered it on {w}.", "I've been a customer for {y} years.", "My order number is {o}.",
-          "I already checked the help page.", "This is my first time contacting you."]
-NAMES = ["Anna", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jon", "Kemi", "Luca", "Maya",
-         "Nils", "Olga", "Pedro", "Rosa", "Sam", "Tara", "Yusuf"]
-WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+GREETINGS = ["Hi,", "Hello,", "Hi there,", "Dear support,", "Hello team,", "Good morning,", "Hey,", "Dear Sir/Madam,",
+             "Good afternoon,", "To whom it may concern,", "Hallo,", "hi", "Hello support team,", "Dear customer service,",
+             "Hi {n},", "Greetings,", "Morning,", "Hey guys,"]
+SIGN_OFFS = ["Thanks.", "Thank you.", "Regards,\n{n}", "Cheers, {n}", "- {n}", "Best regards,\n{n} {s}",
+             "Kind regards,\n{n} {s}\n{company}", "Thanks in advance,\n{n}", "Thank you for your help!", "thx",
+             "Sent from my iPhone", "{n} {s}\n{company}\nTel. +44 20 7946 0{t}", "BR, {n}", "Many thanks\n{n}",
+             "Have a nice day.", "Best,\n{n}", "Greetings from {city},\n{n}", "Sincerely,\n{n} {s}"]
+CITIES = ["Leeds", "Lyon", "Gdańsk", "Porto", "Pune", "Graz", "Cork", "Malmö", "Bilbao", "Utrecht"]
+BACKGROUND = ["I ordered it on {w}.", "I've been a customer for {y} years.", "My order number is {o}.",
+              "I bought the {p} from you {d} days ago.", "It was a present for my mum.",
+              "I ordered through the app.", "I already checked the help page.", "This is my first time contacting you.",
+              "I bought it with my partner's card.", "We are a small business and order from you regularly.",
+              "I have attached a photo.", "I paid with PayPal.", "I'm writing on behalf of my father.",
+              "The order also had a few other things in it.", "I usually love your shop.",
+              "I tried calling but the line was busy.", "Your chatbot could not help me.",
+              "Order details: {o}, placed {w}.", "I live in {city}.", "I read the FAQ but it didn't answer this."]
+ASKS = ["Can you help?", "What are my options?", "Please advise.", "Let me know.", "What should I do?",
+        "Could you check this for me?", "Please reply.", "Can someone look at this?", "Any idea?",
+        "I look forward to your answer.", "What happens now?", "Please get back to me.", ""]
+# Tone carries no label: every one of these appears with every priority at the same rate.
+LOUD = ["This is unacceptable!", "URGENT!!!", "Please sort this ASAP!!", "I'm really angry about this.",
+        "Fix it NOW.", "Worst service ever.", "I need an answer immediately!", "Very disappointed!!",
+        "This is ridiculous.", "HELP", "I want this resolved today!", "Absolutely fed up."]
+CALM = ["No big deal.", "Thanks for your patience.", "Hope you're well.", "Sorry to bother you.",
+        "I appreciate your help.", "Thank you for reading.", "I hope this makes sense.", "Sorry for my English.",
+        "Have a good day.", "Thanks a lot in advance."]
+SUBJECTS = ["Subject: order {o}", "Subject: problem", "Subject: question", "Subject: my {p}", "Subject: help please",
+            "Subject: Re: your message", "Subject: complaint", "Subject: {p} issue", "Subject: (no subject)",
+            "Subject: ticket", "Subject: Fwd: order {o}", "Subject: enquiry"]
+# A second, minor question from another category: the guide labels the main problem, not the closing aside.
+ASIDES = {"billing": ["Also, could you send me the invoice for it?", "By the way, can I pay in instalments next time?"],
+          "shipping": ["Also, do you deliver to Ireland?", "Also, how long does standard delivery usually take?"],
+          "account": ["Also, how do I change the e-mail on my account?", "Also, please unsubscribe me from the newsletter."],
+          "technical": ["Also, is there a manual for it online?", "By the way, does it work with Alexa?"],
+          "returns": ["Also, what is your return policy for sale items?", "Also, can I exchange things in a store?"]}
+ERRORS = ['The screen says "{c}: operation failed".', "The message says 'Error {c} - please try again later'.",
+          'It shows "Something went wrong ({c})".', "Error text: {c} unknown failure.",
+          '"Request could not be completed. Code {c}" is what I get.']
+# Non-native writers: (pattern, replacement) rewrites, each applied to a message with some probability.
+NON_NATIVE = [(r"\bfor (\d+) days\b", r"since \1 days"), (r"\bI have\b", "I am having"),
+              (r"\bI'm waiting for\b", "I am waiting"), (r"\bplease check\b", "please to check"),
+              (r"\bthe \b", ""), (r"\bdoesn't\b", "not"), (r"\bdidn't\b", "not"), (r"\bCan you\b", "You can"),
+              (r"\bI want to\b", "I want"), (r"\bit's\b", "is"), (r"\bI can't\b", "I not can"),
+              (r"\bhas\b", "have"), (r"\bPlease\b", "Kindly")]
+NON_NATIVE_TAILS = ["Kindly do the needful.", "Waiting your answer.", "Thanking you.", "Please revert back soon.",
+                    "I hope for your understanding.", "Thank you for your comprehension."]
 
 
 def _typo(word: str, rng: random.Random) -> str:
@@ -251,46 +152,6 @@ def _fill(template: str, slots: dict) -> str:
     return template.format(**slots)
 
 
-def ticket(category: str, priority: str, pool: str, rng: random.Random) -> dict:
-    """One customer message and its answer: {"message", "answer": {category, priority, summary}, "meta"}.
-
-    pool: "train" or "test", which templates, cues and products to draw from.
-    """
-    choices = [t for t in ISSUES[category][pool] if not (priority == "low" and t[0] in NOT_LOW)]
-    issue_i = rng.randrange(len(choices))
-    text, summary = choices[issue_i]
-    cue = rng.choice(CUES[priority][pool])
-    slots = {"p": rng.choice(PRODUCTS[pool]), "o": f"#{rng.randrange(10000, 99999)}",
-             "a": f"${rng.randrange(5, 400)}.{rng.randrange(100):02d}", "d": rng.randrange(3, 21),
-             "w": rng.choice(WEEKDAYS), "c": f"E{rng.randrange(10, 99)}", "n": rng.choice(NAMES),
-             "y": rng.randrange(2, 12)}
-    tone = rng.choice(["polite", "plain", "terse"] + (["angry"] if priority in ("high", "urgent") else []))
-    parts = []
-    if tone == "polite":
-        parts.append(rng.choice([g for g in GREETINGS if g]))
-    elif tone == "plain" and rng.random() < 0.5:
-        parts.append(rng.choice(GREETINGS))
-    parts.append(_fill(text, slots))
-    if rng.random() < 0.2:
-        parts.append(_fill(rng.choice(EXTRAS), slots))
-    if tone == "angry":
-        parts.append(rng.choice(ANGRY))
-    parts.append(cue)
-    if tone == "polite" or (tone == "plain" and rng.random() < 0.4):
-        parts.append(_fill(rng.choice(SIGN_OFFS), slots))
-    message = " ".join(p for p in parts if p)
-    if tone == "terse":  # typed in a hurry: lower case, no full stops
-        message = message.lower().replace(".", "")
-        if priority == "urgent" and rng.random() < 0.5:
-            message += "!!"
-    if rng.random() < 0.25:
-        message = _add_typos(message, rng, rng.choice([1, 1, 2]))
-    answer = {"category": category, "priority": priority, "summary": _fill(summary, slots)}
-    meta = {"pool": pool, "issue": f"{category}/{pool}/{ISSUES[category][pool].index((text, summary))}",
-            "product": slots["p"] if "{p}" in text else None, "cue": cue, "tone": tone}
-    return {"message": message, "answer": answer, "meta": meta}
-
-
 def row_of(t: dict) -> dict:
     """A ticket -> the JSONL row: {"messages": [system, user, assistant], "meta": {...}}."""
     return {"messages": [{"role": "system", "content": SYSTEM_PROMPT},
@@ -299,19 +160,10 @@ def row_of(t: dict) -> dict:
             "meta": t["meta"]}
 
 
-def generate_split(split: str, n: int | None = None, seed: int | None = None) -> list[dict]:
-    """Rows of one split: categories balanced (n/5 each), priorities drawn 20/30/30/20 %, no repeated message.
-
-    >>> len(generate_split("test", n=10)), generate_split("test", n=4) == generate_split("test", n=4)
-    (10, True)
-    """
-    return split_rows(split, n, seed, SPLITS, POOL_OF_SPLIT, ticket, PRIORITY_WEIGHTS, _messages_of_other_splits)
-
-
 def split_rows(split: str, n: int | None, seed: int | None, splits: dict, pool_of_split: dict, make_ticket,
                weights, other_messages) -> list[dict]:
     """A split's rows for a generator given by its tables and `make_ticket(category, priority, pool, rng)`;
-    shared by datagen and datagen_content. The default n and seed also exclude `other_messages(split)`."""
+    shared by datagen and datagen_cues. The default n and seed also exclude `other_messages(split)`."""
     if split not in splits:
         raise ValueError(f"split={split!r}: choose one of {', '.join(splits)}")
     default_n, default_seed = splits[split]
@@ -338,8 +190,148 @@ def draw_rows(make_ticket, categories: list[str], weights, pool: str, rng: rando
     return rows
 
 
+def pool_of(items: list, pool: str) -> list:
+    """The items a pool may use: every HELD_OUT_EVERY-th item (index 4, 9, ...) is the test pool's, the rest train's."""
+    held = [x for i, x in enumerate(items) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+    return held if pool == "test" else [x for i, x in enumerate(items) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+
+
+def priority_after(base: str, modifier: str | None) -> str:
+    """The guide's rule for a modifier: team -> urgent, deadline -> at least high, chased -> one up, at most high.
+
+    >>> priority_after("medium", "deadline"), priority_after("low", "chased"), priority_after("high", "chased")
+    ('high', 'medium', 'high')
+    """
+    if modifier is None:
+        return base
+    if modifier == "chased":
+        return PRIORITIES[min(PRIORITIES.index(base) + 1, PRIORITIES.index("high"))] if base != "urgent" else base
+    target = MODIFIER_PRIORITY[modifier]
+    return max(base, target, key=PRIORITIES.index)
+
+
+def recipes(category: str, pool: str) -> dict[str, list[tuple[dict, str | None]]]:
+    """{priority: [(situation, modifier kind or None)]}: every way this pool can make a ticket of that priority."""
+    out = {p: [] for p in PRIORITIES}
+    for situation in pool_of(SITUATIONS[category], pool):
+        out[situation["priority"]].append((situation, None))
+        if situation.get("raise"):
+            for kind in ("team", "deadline", "chased"):
+                out[priority_after(situation["priority"], kind)].append((situation, kind))
+    return out
+
+
+def _non_native(text: str, rng: random.Random) -> str:
+    """Two or three of the NON_NATIVE rewrites, and sometimes a stock closing line."""
+    for pattern, replacement in rng.sample(NON_NATIVE, 3):
+        text = re.sub(pattern, replacement, text, count=rng.choice([1, 2]))
+    text = re.sub(r"  +", " ", text)
+    if rng.random() < 0.4:
+        text += " " + rng.choice(NON_NATIVE_TAILS)
+    return text
+
+
+def _slots(pool: str, rng: random.Random) -> dict:
+    return {"p": rng.choice(PRODUCTS[pool]), "o": rng.choice(["#", "#", "no. ", "ORD-"]) + str(rng.randrange(10000, 99999)),
+            "a": rng.choice(["$", "€", "£"]) + f"{rng.randrange(5, 900)}.{rng.randrange(100):02d}",
+            "d": rng.randrange(3, 21), "w": rng.choice(WEEKDAYS), "c": f"E{rng.randrange(10, 99)}",
+            "n": rng.choice(NAMES[pool]), "s": rng.choice(SURNAMES), "y": rng.randrange(2, 12),
+            "company": rng.choice(COMPANIES), "city": rng.choice(CITIES), "t": rng.randrange(100, 999)}
+
+
+def _body(category: str, situation: dict, modifier: str | None, pool: str, slots: dict,
+          rng: random.Random) -> list[str]:
+    """The message's sentences in order: background, the situation, error text, modifier, aside, ask, tone."""
+    parts = []
+    if rng.random() < 0.35:
+        parts.append(_fill(rng.choice(BACKGROUND), slots))
+    parts.append(_fill(rng.choice(situation["say"]), slots))
+    if category in ("technical", "account") and rng.random() < 0.2:
+        parts.append(_fill(rng.choice(ERRORS), slots))
+    if modifier is not None:
+        sentences = MODIFIERS[modifier] if modifier == "chased" else MODIFIERS[modifier][category]
+        parts.append(_fill(rng.choice(pool_of(sentences, pool)), slots))
+    if rng.random() < 0.12:
+        parts.append(rng.choice(ASIDES[rng.choice([c for c in CATEGORIES if c != category])]))
+    if rng.random() < 0.6:
+        parts.append(rng.choice(ASKS))
+    tone = rng.random()
+    if tone < 0.22:
+        parts.insert(rng.randrange(len(parts) + 1), rng.choice(LOUD))
+    elif tone < 0.4:
+        parts.append(rng.choice(CALM))
+    return [p for p in parts if p]
+
+
+def _layout(parts: list[str], slots: dict, rng: random.Random) -> str:
+    """Join sentences as one of several shapes a real message has: a paragraph, lines, a list, a forwarded mail, a reply."""
+    shape = rng.choices(["paragraph", "lines", "list", "forwarded", "reply"], weights=(55, 15, 10, 10, 10))[0]
+    if shape == "list" and len(parts) >= 3:
+        body = parts[0] + "\n" + "\n".join(f"{rng.choice(['-', '*', '1.'])} {p}" for p in parts[1:])
+        body = re.sub(r"\n1\. ", lambda _m, c=iter(range(1, 99)): f"\n{next(c)}. ", body)
+    elif shape == "lines":
+        body = "\n".join(parts)
+    else:
+        body = " ".join(parts)
+    greeting = _fill(rng.choice(GREETINGS), slots) if rng.random() < 0.7 else ""
+    sign_off = _fill(rng.choice(SIGN_OFFS), slots) if rng.random() < 0.6 else ""
+    text = "\n".join(x for x in (greeting, body, sign_off) if x) if rng.random() < 0.5 else \
+        " ".join(x for x in (greeting, body, sign_off.replace("\n", " ")) if x)
+    if rng.random() < 0.12:
+        text = _fill(rng.choice(SUBJECTS), slots) + "\n\n" + text
+    if shape == "forwarded":
+        text = (f"---------- Forwarded message ---------\nFrom: {slots['n']} {slots['s']}\n"
+                f"Subject: {rng.choice(['order ' + slots['o'], 'problem', 'my ' + slots['p']])}\n\n{text}")
+    elif shape == "reply":
+        quoted = rng.choice(["Thank you for contacting us. We will get back to you within 48 hours.",
+                             "Your ticket has been received.", "Could you send us your order number?"])
+        text = f"{text}\n\n> On {slots['w']}, Customer Service wrote:\n> {quoted}"
+    return text
+
+
+def _register(text: str, rng: random.Random) -> tuple[str, str]:
+    """Who typed it: as written, in a hurry (lower case, no full stops), a non-native writer, or in capitals; then typos."""
+    kind = rng.choices(["plain", "hurry", "non_native", "caps"], weights=(55, 20, 20, 5))[0]
+    if kind == "hurry":
+        text = text.lower().replace(".", "")
+    elif kind == "non_native":
+        text = _non_native(text, rng)
+    elif kind == "caps":
+        text = text.upper()
+    if rng.random() < 0.3:
+        text = _add_typos(text, rng, rng.choice([1, 1, 2, 3]))
+    return text, kind
+
+
+def ticket(category: str, priority: str, pool: str, rng: random.Random) -> dict:
+    """One customer message and its answer: {"message", "answer": {category, priority, summary}, "meta"}.
+
+    pool: "train" or "test", which situations, modifier sentences, products and names to draw from.
+    The category is the situation's; the priority is `priority_after(situation's, modifier)`.
+    """
+    options = recipes(category, pool)[priority]
+    if not options:
+        raise ValueError(f"no {pool} situation gives a {priority} {category} ticket: add one to triage_bank.py")
+    situation, modifier = rng.choice(options)
+    slots = _slots(pool, rng)
+    message, register = _register(_layout(_body(category, situation, modifier, pool, slots, rng), slots, rng), rng)
+    answer = {"category": category, "priority": priority, "summary": _fill(situation["summary"], slots)}
+    meta = {"pool": pool, "situation": f"{category}/{SITUATIONS[category].index(situation)}",
+            "base_priority": situation["priority"], "modifier": modifier, "register": register}
+    return {"message": message, "answer": answer, "meta": meta}
+
+
+def generate_split(split: str, n: int | None = None, seed: int | None = None) -> list[dict]:
+    """Rows of one split: categories balanced (n/5 each), priorities drawn by PRIORITY_WEIGHTS, no repeated message.
+
+    >>> len(generate_split("test", n=10)), generate_split("test", n=4) == generate_split("test", n=4)
+    (10, True)
+    """
+    return split_rows(split, n, seed, SPLITS, POOL_OF_SPLIT, ticket, PRIORITY_WEIGHTS, _messages_of_other_splits)
+
+
 def _messages_of_other_splits(split: str) -> set[str]:
-    """Validation must not repeat a training message (they share templates): regenerate train to know them."""
+    """Validation must not repeat a training message (they share pools): regenerate train to know them."""
     if split != "validation":
         return set()
     return {r["messages"][1]["content"] for r in generate_split("train")}

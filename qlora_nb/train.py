@@ -42,6 +42,7 @@ class FinetuneConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ALL_PROJECTIONS
+    lora_layers: int | None = None     # LoRA on the top N decoder layers only (None: every layer)
     learning_rate: float = 1e-3
     lr_scheduler: str = "cosine"       # transformers scheduler name; "constant" makes resumed runs bit-exact
     warmup_steps: int = 3
@@ -121,6 +122,15 @@ def model_context_length(base_model: str) -> int:
     return int(config.max_position_embeddings)
 
 
+def model_layer_count(base_model: str) -> int:
+    """How many decoder layers the base has (`num_hidden_layers` of its config.json)."""
+    from transformers import AutoConfig
+
+    from . import models
+
+    return int(AutoConfig.from_pretrained(models.resolve_base_model(base_model)).num_hidden_layers)
+
+
 def check_config(config: FinetuneConfig) -> None:
     """Raise ValueError naming the bad field and what to change; loads only the base's config.json."""
     positive = {"rank": config.rank, "alpha": config.alpha, "max_steps": config.max_steps,
@@ -137,6 +147,11 @@ def check_config(config: FinetuneConfig) -> None:
                          "Set dropout=0.0, or fast_path=False for the plain peft path.")
     if not 0 < config.learning_rate < 1:
         raise ValueError(f"learning_rate={config.learning_rate!r}: use a small positive value such as 2e-4.")
+    if config.lora_layers is not None:
+        n_layers = model_layer_count(config.base_model)
+        if not isinstance(config.lora_layers, int) or not 1 <= config.lora_layers <= n_layers:
+            raise ValueError(f"lora_layers={config.lora_layers!r}: '{config.base_model}' has {n_layers} decoder "
+                             f"layers. Use a whole number from 1 to {n_layers}, or None for every layer.")
     if isinstance(config.target_modules, str) or not config.target_modules:
         raise ValueError(f"target_modules={config.target_modules!r}: give a list of layer names, "
                          f"e.g. {list(ALL_PROJECTIONS)}.")
@@ -208,11 +223,21 @@ def trainable_parameters(model) -> tuple[int, int]:
 
 
 def lora_config(config: FinetuneConfig):
-    """The peft LoraConfig for `config` (LoRA on the named projections, causal LM task)."""
+    """The peft LoraConfig for `config` (LoRA on the named projections, causal LM task).
+
+    lora_layers=N puts LoRA on the top N decoder layers only (peft's layers_to_transform): the
+    backward pass then stops N layers below the output, which on the CPU more than halves a step
+    for N = half the layers.
+    """
     from peft import LoraConfig
 
+    layers = None
+    if config.lora_layers is not None:
+        n_layers = model_layer_count(config.base_model)
+        layers = list(range(n_layers - config.lora_layers, n_layers))
     return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(config.target_modules), layers_to_transform=layers,
+                      bias="none", task_type="CAUSAL_LM")
 
 
 def load_for_training(config: FinetuneConfig):

@@ -1,4 +1,4 @@
-"""Situations and modifiers for datagen_content.py, written by hand by the labelling guide in data/README.md (no randomness, no code)."""
+"""Situations and modifiers for datagen.py, written by hand by the labelling guide in data/README.md (no randomness, no code)."""
 
 SITUATIONS = {
     "billing": [
@@ -505,10 +505,10 @@ SITUATIONS = {
                  "The power bank is puffing up and smoking a little."],
          "summary": "Battery of the {p} is swelling and hot."},
         {"priority": "urgent", "raise": False,
-         "say": ["The baby monitor lost connection overnight.",
+         "say": ["The baby cam in the nursery lost connection overnight.",
                  "Our {p} for the baby keeps going offline, so we can't hear our son.",
                  "The camera in our newborn's room has stopped sending a picture."],
-         "summary": "Baby monitor lost connection."},
+         "summary": "Baby camera in the nursery lost connection."},
         {"priority": "urgent", "raise": False,
          "say": ["Every till in our shop is down because the card readers reject payments.",
                  "All our card terminals show error {c}, so no customer can pay in the store.",

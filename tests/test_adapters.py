@@ -149,3 +149,22 @@ def test_second_adapter_joins_a_peft_model_without_reloading(tmp_path, trained, 
         torch.testing.assert_close(model(ids).logits, want_b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="already on this model"):
         adapters.load_adapter(model, b, base_model="tiny-mistral", adapter_name="b")
+
+
+def test_the_recorded_triage_adapter_checks_out_against_the_embedded_base_and_the_committed_data(tmp_path):
+    import shutil
+
+    from qlora_nb import data
+
+    folder = adapters.recorded_adapter_dir()
+    meta = adapters.check_adapter(folder, base_model="embedded", tokenizer=models.load_tokenizer("embedded"))
+    assert meta["data_hash"] == data.dataset_hash(data.load_triage("train"))  # trained on the committed split
+    assert adapters.adapter_bytes(folder) < 12 * 2**20
+    copy = tmp_path / "triage"
+    shutil.copytree(folder, copy)
+    weights = copy / adapters.WEIGHTS_FILE
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 1
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(adapters.AdapterMismatch, match="corrupted"):
+        adapters.check_adapter(copy, base_model="embedded")

@@ -12,7 +12,7 @@ EVAL = data.load_triage("validation")[:4]
 
 def tiny_config(tmp_path, **kw):
     base = dict(base_model="tiny-mistral", max_steps=2, batch_size=4, learning_rate=1e-3, lr_scheduler="constant",
-                warmup_steps=0, eval_steps=1, save_steps=1, eval_limit=4, max_seq_length=192,
+                warmup_steps=0, eval_steps=1, save_steps=1, eval_limit=4, max_seq_length=256,
                 output_dir=str(tmp_path / "run"))
     return train.FinetuneConfig(**{**base, **kw})
 

@@ -1,11 +1,11 @@
-"""datagen_content.py: labels follow the situation and its modifier, tone carries no label, the test pool is held out, output is reproducible."""
+"""datagen.py: labels follow the situation and its modifier, tone carries no label, the test pool is held out, output is reproducible."""
 import collections
 import json
 import re
 
 import pytest
 
-from qlora_nb import data, datagen_content as gen
+from qlora_nb import data, datagen as gen
 from qlora_nb.triage_bank import MODIFIERS, SITUATIONS
 
 
